@@ -1,0 +1,316 @@
+"""Griffin's building blocks as Flax modules.
+
+Parameter names and shapes match DeepMind's reference (``recurrentgemma.jax``)
+exactly, so an official Flax checkpoint loads without renaming.
+
+Unlike the reference, every temporal block takes an explicit per-row position
+array and an optional fixed-size cache, and processes any number of tokens
+with that cache. One code path therefore serves a one-shot forward, chunked
+prefill (chunks of any size, straddling window boundaries) and single-token
+decode. Position -1 marks a padding token: it reads nothing into the state and
+produces an ignored output. Padding must come after the real tokens of a row
+(right padding), which is what the engine produces.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import einops
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from kernels import rglru_scan
+from model import array_typing as at
+
+# Masked attention logits; the reference's constant, so softmax ties match.
+_MIN_LOGITS_VALUE = -2.3819763e38
+_ROPE_MAX_WAVELENGTH = 10_000
+# The RG-LRU's fixed constant c in a_t = a^(c * r_t) (Griffin paper, eq. 4).
+_RG_LRU_C = 8.0
+_fan_in_normal = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+
+
+class RecurrentCache(NamedTuple):
+    """State of a recurrent block: constant size whatever the sequence length.
+
+    Attributes:
+      rg_lru_state: [b, e] float32 hidden state of the RG-LRU.
+      conv1d_state: [b, w, e] the last ``conv1d_width - 1`` inputs of the conv.
+    """
+
+    rg_lru_state: at.RnnState
+    conv1d_state: at.ConvState
+
+
+class AttentionCache(NamedTuple):
+    """Ring buffer of the last ``window`` keys and values of an attention block.
+
+    The key of position p lives in slot ``p % window``; ``num_tokens`` is the
+    number of tokens the row has seen, so a slot's position is recoverable.
+
+    Attributes:
+      keys: [b, s, h] rotated keys (s = attention window).
+      values: [b, s, h] values.
+      num_tokens: [b] int32 tokens seen so far.
+    """
+
+    keys: at.RingKeys
+    values: at.RingKeys
+    num_tokens: at.NumTokens
+
+
+BlockCache = RecurrentCache | AttentionCache
+
+
+def _valid(positions: at.Positions) -> jax.Array:
+    return positions >= 0
+
+
+def _num_valid(positions: at.Positions) -> jax.Array:
+    return jnp.sum(_valid(positions), axis=-1).astype(jnp.int32)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation with a zero-centred scale (``x * (1 + scale)``)."""
+
+    width: int
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.zeros_init(), (self.width,))
+        x, scale = nn.dtypes.promote_dtype(x, scale)
+        var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        return x * jax.lax.rsqrt(var + self.eps) * (scale + 1)
+
+
+class BlockDiagonalLinear(nn.Module):
+    """Linear layer whose weight is block-diagonal with ``num_blocks`` blocks."""
+
+    width: int
+    num_blocks: int
+
+    @nn.compact
+    def __call__(self, x: at.LruActivations) -> at.LruActivations:
+        size = self.width // self.num_blocks
+        w = self.param("w", _fan_in_normal, (self.num_blocks, size, size))
+        b = self.param("b", nn.initializers.zeros_init(), (self.num_blocks, size))
+        x, w, b = nn.dtypes.promote_dtype(x, w, b)
+        x = einops.rearrange(x, "... (n i) -> ... n i", n=self.num_blocks)
+        y = jnp.einsum("... n i, n i j -> ... n j", x, w) + b
+        return einops.rearrange(y, "... n j -> ... (n j)")
+
+
+class Conv1D(nn.Module):
+    """Short causal depthwise convolution carrying its last inputs as state."""
+
+    width: int
+    temporal_width: int = 4
+
+    @nn.compact
+    def __call__(
+        self, x: at.LruActivations, positions: at.Positions, state: at.ConvState | None
+    ) -> tuple[at.LruActivations, at.ConvState]:
+        w = self.param(
+            "w", nn.initializers.variance_scaling(0.01, "fan_in", "normal"),
+            (self.temporal_width, self.width))
+        b = self.param("b", nn.initializers.zeros_init(), (self.width,))
+        x, w, b = nn.dtypes.promote_dtype(x, w, b)
+        batch, t, _ = x.shape
+        if state is None:
+            state = jnp.zeros((batch, self.temporal_width - 1, self.width), x.dtype)
+        # A row that starts a sequence in this call must not see stale inputs.
+        starts = (positions[:, 0] == 0)[:, None, None]
+        state = jnp.where(starts, jnp.zeros_like(state), state.astype(x.dtype))
+        xc = jnp.concatenate([state, x], axis=1)  # [b, w-1+t, e]
+        y = b[None, None]
+        for k in range(self.temporal_width):
+            y = y + xc[:, k:k + t] * w[k][None, None]
+        # The new state is the last w-1 *valid* inputs; padding sits after them.
+        n = _num_valid(positions)
+        new_state = jax.vmap(
+            lambda row, start: jax.lax.dynamic_slice_in_dim(row, start, self.temporal_width - 1)
+        )(xc, n)
+        return y, new_state
+
+
+class RGLRU(nn.Module):
+    """Real-Gated Linear Recurrent Unit (Griffin paper, section 2.4)."""
+
+    width: int
+    num_heads: int
+    scan_implementation: str | None = None
+
+    def _a_param_init(self, key, shape, dtype=jnp.float32):
+        # Reference init: |a| uniform on the ring [0.9, 0.999], stored through softplus^-1.
+        unif = jax.random.uniform(key, shape)
+        a_real = 0.5 * jnp.log(unif * (0.999**2 - 0.9**2) + 0.9**2 + 1e-8)
+        return jnp.log(jnp.exp(-a_real) - 1.0).astype(dtype)
+
+    @nn.compact
+    def __call__(
+        self, x: at.LruActivations, positions: at.Positions, h0: at.RnnState | None
+    ) -> tuple[at.LruActivations, at.RnnState]:
+        a_param = self.param("a_param", self._a_param_init, (self.width,))
+        gate_x = jax.nn.sigmoid(BlockDiagonalLinear(self.width, self.num_heads, name="input_gate")(x))
+        gate_a = jax.nn.sigmoid(BlockDiagonalLinear(self.width, self.num_heads, name="a_gate")(x))
+        x, a_param = nn.dtypes.promote_dtype(x, a_param)
+
+        log_a = -_RG_LRU_C * gate_a * jax.nn.softplus(a_param)
+        a, a_squared = jnp.exp(log_a), jnp.exp(2 * log_a)
+        reset = (positions == 0)[..., None]
+        valid = _valid(positions)[..., None]
+        # sqrt(1 - a^2) keeps the state's scale; the first token is not scaled.
+        multiplier = jnp.where(reset, 1.0, jnp.sqrt(1 - a_squared))
+        normalized_x = jnp.where(valid, x * gate_x * multiplier.astype(x.dtype), 0)
+        # Padding leaves the state untouched (a = 1, x = 0); a reset forgets it.
+        a = jnp.where(valid, jnp.where(reset, 0.0, a), 1.0).astype(x.dtype)
+        if h0 is None:
+            h0 = jnp.zeros((x.shape[0], self.width), jnp.float32)
+        return rglru_scan(normalized_x, a, h0, implementation=self.scan_implementation)
+
+
+class RecurrentBlock(nn.Module):
+    """Griffin's recurrent temporal block: gelu(W_y x) * RG-LRU(Conv(W_x x))."""
+
+    width: int
+    num_heads: int
+    lru_width: int
+    conv1d_width: int = 4
+    scan_implementation: str | None = None
+
+    @nn.compact
+    def __call__(
+        self, x: at.Activations, positions: at.Positions, cache: RecurrentCache | None
+    ) -> tuple[at.Activations, RecurrentCache]:
+        y = jax.nn.gelu(nn.Dense(self.lru_width, kernel_init=_fan_in_normal, name="linear_y")(x))
+        x = nn.Dense(self.lru_width, kernel_init=_fan_in_normal, name="linear_x")(x)
+        x, conv_state = Conv1D(self.lru_width, self.conv1d_width, name="conv_1d")(
+            x, positions, None if cache is None else cache.conv1d_state)
+        x, lru_state = RGLRU(self.lru_width, self.num_heads, self.scan_implementation,
+                             name="rg_lru")(
+            x, positions, None if cache is None else cache.rg_lru_state)
+        out = nn.Dense(self.width, kernel_init=_fan_in_normal, name="linear_out")(x * y)
+        return out, RecurrentCache(rg_lru_state=lru_state, conv1d_state=conv_state)
+
+
+def apply_rope(x: jax.Array, positions: at.Positions) -> jax.Array:
+    """Rotary embedding on the first half of the head dimension; [b, t, ..., h]."""
+    x_rope, x_pass = jnp.split(x, 2, axis=-1)
+    half = x_rope.shape[-1] // 2
+    freq_exponents = 2 * jnp.arange(half) / x_rope.shape[-1]
+    inv_frequencies = 1.0 / (_ROPE_MAX_WAVELENGTH**freq_exponents)
+    pos = positions.reshape(positions.shape + (1,) * (x.ndim - positions.ndim))
+    sinusoid = pos * inv_frequencies
+    sin, cos = jnp.sin(sinusoid).astype(x.dtype), jnp.cos(sinusoid).astype(x.dtype)
+    first, second = jnp.split(x_rope, 2, axis=-1)
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin, x_pass], -1)
+
+
+def ring_positions(num_tokens: at.NumTokens, ring_len: int) -> jax.Array:
+    """Position held by each ring slot: the latest p < num_tokens with p % s == slot; -1 if none."""
+    slots = jnp.arange(ring_len)[None]
+    last = num_tokens[:, None] - 1
+    p = last - jnp.mod(last - slots, ring_len)
+    return jnp.where(p >= 0, p, -1)
+
+
+def write_ring(ring: jax.Array, new: jax.Array, positions: at.Positions) -> jax.Array:
+    """Writes the last ``s`` valid entries of ``new`` [b, t, h] into ``ring`` [b, s, h]."""
+    s, t = ring.shape[1], new.shape[1]
+    n = _num_valid(positions)
+    keep = _valid(positions) & (jnp.arange(t)[None] >= (n[:, None] - s))
+    # Dropped entries go to slot s (out of range) and are discarded by the scatter.
+    slot = jnp.where(keep, jnp.mod(positions, s), s)
+    rows = jnp.arange(ring.shape[0])[:, None]
+    return ring.at[rows, slot].set(new.astype(ring.dtype), mode="drop")
+
+
+class LocalAttentionBlock(nn.Module):
+    """Local multi-query attention over a sliding window, with RoPE."""
+
+    width: int
+    num_heads: int
+    window_size: int
+
+    @nn.compact
+    def __call__(
+        self, x: at.Activations, positions: at.Positions, cache: AttentionCache | None,
+        ring_limit: int | None = None,
+    ) -> tuple[at.Activations, AttentionCache]:
+        """Attends each token to itself and the ``window_size`` tokens before it.
+
+        Args:
+          x: [b, t, d] inputs.
+          positions: [b, t] absolute positions, -1 for padding.
+          cache: ring buffer of earlier keys/values, or None for a fresh sequence.
+          ring_limit: attend only to the first ``ring_limit`` ring slots. Valid
+            when every row's positions stay below it; it lets decode skip the
+            empty part of the window instead of paying for it.
+        """
+        batch, t, _ = x.shape
+        head_dim = self.width // self.num_heads
+        q = nn.Dense(self.width, use_bias=False, kernel_init=_fan_in_normal, name="proj_q")(x)
+        k = nn.Dense(head_dim, use_bias=False, kernel_init=_fan_in_normal, name="proj_k")(x)
+        v = nn.Dense(head_dim, use_bias=False, kernel_init=_fan_in_normal, name="proj_v")(x)
+        q = apply_rope(einops.rearrange(q, "b t (n h) -> b t n h", n=self.num_heads), positions)
+        k = apply_rope(k, positions)  # [b, t, h]
+
+        if cache is None:
+            ring_k = ring_v = jnp.zeros((batch, 0, head_dim), k.dtype)
+            ring_pos = jnp.zeros((batch, 0), jnp.int32)
+            num_tokens = jnp.zeros((batch,), jnp.int32)
+            full_k = full_v = jnp.zeros((batch, self.window_size, head_dim), k.dtype)
+        else:
+            full_k, full_v, num_tokens = cache
+            limit = ring_limit or full_k.shape[1]
+            ring_k, ring_v = full_k[:, :limit], full_v[:, :limit]
+            ring_pos = ring_positions(num_tokens, full_k.shape[1])[:, :limit]
+
+        keys = jnp.concatenate([ring_k, k.astype(ring_k.dtype)], axis=1)  # [b, s+t, h]
+        values = jnp.concatenate([ring_v, v.astype(ring_v.dtype)], axis=1)
+        k_pos = jnp.concatenate([ring_pos, positions], axis=1)  # [b, s+t]
+        q_pos, k_pos = positions[:, :, None], k_pos[:, None, :]
+        mask = (k_pos >= 0) & (q_pos >= k_pos) & (q_pos - k_pos <= self.window_size)
+
+        logits = jnp.einsum("btnh,bsh->bnts", q, keys.astype(q.dtype)) * head_dim**-0.5
+        logits = jnp.where(mask[:, None], logits, _MIN_LOGITS_VALUE).astype(jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+        encoded = jnp.einsum("bnts,bsh->btnh", probs, values.astype(x.dtype))
+        out = nn.Dense(self.width, kernel_init=_fan_in_normal, name="proj_final")(
+            einops.rearrange(encoded, "b t n h -> b t (n h)"))
+
+        new_cache = AttentionCache(
+            keys=write_ring(full_k, k, positions),
+            values=write_ring(full_v, v, positions),
+            num_tokens=num_tokens + _num_valid(positions),
+        )
+        return out, new_cache
+
+
+class MLPBlock(nn.Module):
+    """Gated MLP: down(gelu(up_0 x) * up_1 x)."""
+
+    width: int
+    expanded_width: int
+
+    @nn.compact
+    def __call__(self, x: at.Activations) -> at.Activations:
+        up = _FfwUp(self.width, self.expanded_width, name="ffw_up")(x)
+        hidden = jax.nn.gelu(up[0]) * up[1]
+        return nn.Dense(self.width, kernel_init=_fan_in_normal, name="ffw_down")(hidden)
+
+
+class _FfwUp(nn.Module):
+    width: int
+    expanded_width: int
+
+    @nn.compact
+    def __call__(self, x: at.Activations) -> jax.Array:
+        w = self.param("w", nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1),
+                       (2, self.width, self.expanded_width))
+        b = self.param("b", nn.initializers.zeros_init(), (2, 1, 1, self.expanded_width))
+        x, w, b = nn.dtypes.promote_dtype(x, w, b)
+        return jnp.einsum("...td,cdD->c...tD", x, w) + b  # [2, b, t, m]
