@@ -1,0 +1,526 @@
+"""Constant-memory continuous-batching engine for Griffin models.
+
+The engine owns ``num_slots`` slots. Each slot holds one sequence's fixed-size
+model state (see ``griffin.init_cache``); the whole slot array lives on device
+and is donated to every compiled call, so memory is allocated once and never
+grows with prompt or output length.
+
+One loop iteration:
+  1. if slots are free, start prefilling the next pending requests (a small
+     group of rows with its own cache, advanced one chunk per iteration so a
+     100k-token prompt never stalls the others);
+  2. when a group's prompts are consumed, sample each row's first token and
+     copy its state into its slot;
+  3. run ``decode_steps`` decode steps for all slots in one compiled call and
+     hand the new tokens to the host, which streams text, matches stop
+     strings and frees finished slots for the next request.
+
+Compilation is bounded by design: prefill chunk lengths and group sizes are
+powers of two, and decode compiles once per attention-ring bucket.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import functools
+from collections.abc import Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from model import array_typing as at
+from model import griffin
+from model.config import GriffinConfig
+from model.requests import Completion, Request, RequestError, SamplingParams
+from model.sampling import RowParams, sample_tokens
+from model.textstream import TextStream
+
+_MIN_CHUNK = 16  # smallest prefill chunk bucket
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Engine sizing.
+
+    Attributes:
+      num_slots: Sequences decoded together. Must be a multiple of the number
+        of devices the engine spans.
+      decode_steps: Decode steps per compiled call (K); tokens leave the device
+        every K steps.
+      chunk_size: Prefill chunk length (C); prefill memory is O(C x (window + C)).
+      prefill_batch: Most prompts prefilled together in one group.
+      max_prompt_tokens: Longer prompts are rejected per request.
+      min_ring: Smallest attention-ring bucket; decode attends only to the
+        filled part of the window, rounded up to a power of two >= this.
+      scan_implementation: RG-LRU scan backend (None: auto).
+      num_devices: Local devices to spread slots over (None: all).
+    """
+
+    num_slots: int = 32
+    decode_steps: int = 32
+    chunk_size: int = 256
+    prefill_batch: int = 8
+    max_prompt_tokens: int = 131_072
+    min_ring: int = 256
+    scan_implementation: str | None = None
+    num_devices: int | None = None
+
+    def __post_init__(self):
+        for name in ("num_slots", "decode_steps", "chunk_size", "prefill_batch",
+                     "max_prompt_tokens", "min_ring"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class Chunk:
+    """A piece of one sample's output, handed out every ``decode_steps`` steps.
+
+    ``finish_reason`` is set on the last chunk of a sample (then ``error`` may
+    be set); ``num_prompt_tokens`` is valid on every chunk.
+    """
+
+    request_id: str
+    sample_index: int
+    text: str
+    tokens: list[int]
+    logprobs: list[float] | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+
+
+@dataclasses.dataclass
+class SlotSnapshot:
+    """Everything needed to continue one sample elsewhere; small and picklable.
+
+    Attributes:
+      request: the request being served.
+      sample_index: which sample of the request.
+      prompt_len: prompt length in tokens.
+      generated: tokens generated so far.
+      last_token: the token to feed next.
+      cache: the slot's model state as numpy arrays (a pytree of one row).
+      text: the text stream (decoder tail and held-back text).
+    """
+
+    request: Request
+    sample_index: int
+    prompt_len: int
+    generated: int
+    last_token: int
+    cache: object
+    text: TextStream
+
+
+@dataclasses.dataclass
+class _Sample:
+    """Host bookkeeping of one sample occupying a slot."""
+
+    request: Request
+    sample_index: int
+    prompt: list[int]
+    stop_ids: frozenset[int]
+    text: TextStream
+    generated: int = 0
+    last_token: int = 0
+    finished: bool = False
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def position(self) -> int:
+        return len(self.prompt) + self.generated - 1
+
+
+# Compiled device functions --------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("config", "steps", "ring_limit", "scan"),
+                   donate_argnames=("cache",))
+def _decode(config, params, cache, last_tokens, positions, token_index, rows, *, steps,
+            ring_limit, scan):
+    """``steps`` decode steps for every slot; inactive slots have position -1."""
+
+    def step(carry, _):
+        cache, tokens, pos, idx = carry
+        logits, cache = griffin.apply(config, params, tokens[:, None], pos[:, None], cache,
+                                      ring_limit=ring_limit, scan_implementation=scan)
+        nxt, logprob = sample_tokens(logits[:, 0], rows, idx)
+        pos = jnp.where(pos >= 0, pos + 1, -1)
+        return (cache, nxt, pos, idx + 1), (nxt, logprob)
+
+    (cache, _, _, _), (tokens, logprobs) = jax.lax.scan(
+        step, (cache, last_tokens, positions, token_index), None, length=steps)
+    return cache, tokens.T, logprobs.T  # [S, K]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scan"), donate_argnames=("cache",))
+def _prefill_chunk(config, params, cache, tokens, positions, *, scan):
+    """One prefill chunk for a group; returns logits at each row's last valid token."""
+    logits, cache = griffin.apply(config, params, tokens, positions, cache,
+                                  scan_implementation=scan)
+    last = jnp.maximum(jnp.sum(positions >= 0, axis=1) - 1, 0)
+    return cache, jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+
+
+@jax.jit
+def _first_tokens(logits, rows):
+    return sample_tokens(logits, rows, jnp.zeros(logits.shape[:1], jnp.int32))
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _insert(cache, rows_cache, slots):
+    """Copies each row of ``rows_cache`` into slot ``slots[i]`` (out of range: dropped)."""
+    return jax.tree.map(lambda c, r: c.at[slots].set(r.astype(c.dtype), mode="drop"),
+                        cache, rows_cache)
+
+
+def _pow2_at_least(n: int, floor: int = 1) -> int:
+    return max(floor, 1 << max(0, (n - 1).bit_length()))
+
+
+def _row_params(samples: Sequence[_Sample | None]) -> RowParams:
+    def col(fn, dtype, default):
+        return np.array([fn(s.params) if s else default for s in samples], dtype)
+
+    return RowParams(
+        temperature=col(lambda p: p.temperature, np.float32, 0.0),
+        top_k=col(lambda p: p.top_k or 0, np.int32, 0),
+        top_p=col(lambda p: 1.0 if p.top_p is None else p.top_p, np.float32, 1.0),
+        seed=col(lambda p: p.seed & 0xFFFFFFFF, np.uint32, 0),
+        sample_index=np.array([s.sample_index if s else 0 for s in samples], np.int32),
+    )
+
+
+class Engine:
+    """Continuous-batching sampler over a fixed set of constant-size slots.
+
+    Args:
+      config: Model hyper-parameters.
+      params: Parameter tree (its dtype is the compute dtype).
+      tokenizer: ``model.tokenizer.Tokenizer``.
+      engine_config: Sizing; see ``EngineConfig``.
+    """
+
+    def __init__(self, config: GriffinConfig, params: at.Params, tokenizer,
+                 engine_config: EngineConfig | None = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.engine_config = ec = engine_config or EngineConfig()
+        devices = jax.local_devices()[: ec.num_devices or None]
+        if ec.num_slots % len(devices):
+            raise ValueError(f"EngineConfig.num_slots={ec.num_slots} must be a multiple of the "
+                             f"{len(devices)} devices the engine spans")
+        self.mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+        replicated = NamedSharding(self.mesh, P())
+        self._by_slot = NamedSharding(self.mesh, P("data"))
+        self._replicated = replicated
+        self.params = jax.device_put(params, replicated)
+        self.dtype = griffin.param_dtype(params)
+        self.cache = jax.device_put(griffin.init_cache(config, ec.num_slots, self.dtype),
+                                    self._by_slot)
+        self._slots: list[_Sample | None] = [None] * ec.num_slots
+        self._always_stop = frozenset(getattr(tokenizer, "stop_token_ids", ()) or ())
+
+    # Public API -----------------------------------------------------------
+    def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
+        """Yields one ``Completion`` per (request, sample) as each finishes."""
+        parts: dict[tuple[str, int], list[Chunk]] = collections.defaultdict(list)
+        for chunk in self.stream(requests):
+            key = (chunk.request_id, chunk.sample_index)
+            parts[key].append(chunk)
+            if chunk.finish_reason is not None:
+                yield _completion(parts.pop(key))
+
+    def stream(self, requests: Iterable[Request],
+               resume: Iterable[SlotSnapshot] = ()) -> Iterator[Chunk]:
+        """Serves ``requests`` (and restored ``resume`` snapshots), yielding output chunks.
+
+        Requests are pulled lazily from the iterable as slots free up, so it may
+        be an unbounded generator. Invalid requests yield a single error chunk
+        per sample; the rest go on.
+        """
+        pending = _expand(requests)
+        restored = collections.deque(resume)
+        group = None
+        while True:
+            while restored and self._free_slots():
+                self._restore(restored.popleft())
+            if group is None and self._free_slots():
+                group, errors = self._start_group(pending)
+                yield from errors
+            if group is not None:
+                group.advance(self)
+                if group.done:
+                    yield from self._finish_group(group)
+                    group = None
+            if any(self._slots):
+                yield from self._decode_round()
+            elif group is None and not restored and not self._has_pending(pending):
+                return
+
+    def snapshot(self) -> list[SlotSnapshot]:
+        """Snapshots every occupied slot (call between ``stream`` iterations)."""
+        out = []
+        for slot, s in enumerate(self._slots):
+            if not isinstance(s, _Sample):
+                continue
+            row = jax.tree.map(lambda x, i=slot: np.asarray(x[i : i + 1]), self.cache)
+            out.append(SlotSnapshot(
+                request=s.request, sample_index=s.sample_index, prompt_len=len(s.prompt),
+                generated=s.generated, last_token=s.last_token, cache=row,
+                text=copy.deepcopy(s.text)))
+        return out
+
+    def compile_counts(self) -> dict[str, int]:
+        """How many programs each compiled function holds (bounded by design)."""
+        return {f.__name__: f._cache_size() for f in
+                (_decode, _prefill_chunk, _first_tokens, _insert)}
+
+    def _on_slots(self, cache):
+        # Keep the slot axis split over devices whatever XLA propagated (no-op if so).
+        return jax.device_put(cache, self._by_slot)
+
+    # Request intake ---------------------------------------------------------
+    def _free_slots(self) -> list[int]:
+        return [i for i, s in enumerate(self._slots) if s is None]
+
+    @staticmethod
+    def _has_pending(pending) -> bool:
+        return pending.peek() is not None
+
+    def _validate(self, request: Request, sample_index: int) -> _Sample:
+        p = request.params
+        if not isinstance(p, SamplingParams):
+            raise RequestError(f"params must be SamplingParams, got {type(p).__name__}")
+        p.validate(self.config.vocab_size)
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt is empty")
+            ids = list(self.tokenizer.encode(prompt))
+        else:
+            ids = [int(t) for t in prompt]
+            if not ids:
+                raise RequestError("prompt has no tokens")
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise RequestError(f"prompt token ids {bad[:5]} are outside [0, "
+                                   f"{self.config.vocab_size})")
+        limit = self.engine_config.max_prompt_tokens
+        if len(ids) > limit:
+            raise RequestError(f"prompt has {len(ids)} tokens, over the limit of {limit}")
+        return _Sample(request=request, sample_index=sample_index, prompt=ids,
+                       stop_ids=self._always_stop | frozenset(p.stop_token_ids),
+                       text=TextStream(self.tokenizer.stream_decoder(), tuple(p.stop)))
+
+    def _start_group(self, pending) -> tuple[_PrefillGroup | None, list[Chunk]]:
+        free = self._free_slots()
+        want = min(len(free), self.engine_config.prefill_batch)
+        samples, errors = [], []
+        while len(samples) < want and (item := pending.pop()) is not None:
+            request, index = item
+            try:
+                samples.append(self._validate(request, index))
+            except RequestError as e:
+                errors.append(Chunk(request.request_id, index, "", [], finish_reason="error",
+                                    error=str(e)))
+        if not samples:
+            return None, errors
+        for slot, s in zip(free, samples, strict=False):
+            self._slots[slot] = _Reserved(s)
+        return _PrefillGroup(samples, free[: len(samples)], self), errors
+
+    def _finish_group(self, group: _PrefillGroup) -> Iterator[Chunk]:
+        rows = _row_params(group.samples + [None] * (group.size - len(group.samples)))
+        tokens, logprobs = _first_tokens(group.last_logits, rows)
+        slots = np.full(group.size, self.engine_config.num_slots, np.int32)
+        slots[: len(group.slots)] = group.slots
+        self.cache = self._on_slots(_insert(self.cache, group.cache, jnp.asarray(slots)))
+        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        for i, (slot, s) in enumerate(zip(group.slots, group.samples, strict=True)):
+            self._slots[slot] = s
+            yield from self._emit(slot, s, tokens[i : i + 1], logprobs[i : i + 1])
+
+    # Decoding -----------------------------------------------------------------
+    def _ring_limit(self, steps: int) -> int | None:
+        window = self.config.attention_window_size
+        top = max((s.position + steps for s in self._slots if isinstance(s, _Sample)), default=0)
+        limit = _pow2_at_least(top + 1, self.engine_config.min_ring)
+        return None if limit >= window else limit
+
+    def _decode_round(self) -> Iterator[Chunk]:
+        ec = self.engine_config
+        live = [s if isinstance(s, _Sample) else None for s in self._slots]
+        if not any(live):
+            return
+        last = np.array([s.last_token if s else 0 for s in live], np.int32)
+        pos = np.array([s.position if s else -1 for s in live], np.int32)
+        idx = np.array([s.generated if s else 0 for s in live], np.int32)
+        cache, tokens, logprobs = _decode(
+            self.config, self.params, self.cache, last, pos, idx, _row_params(live),
+            steps=ec.decode_steps, ring_limit=self._ring_limit(ec.decode_steps),
+            scan=ec.scan_implementation)
+        self.cache = self._on_slots(cache)
+        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        for slot, s in enumerate(live):
+            if s is not None:
+                yield from self._emit(slot, s, tokens[slot], logprobs[slot])
+
+    def _emit(self, slot: int, s: _Sample, tokens: np.ndarray, logprobs: np.ndarray
+              ) -> Iterator[Chunk]:
+        """Accounts new tokens of a sample; frees its slot when it finishes.
+
+        Tokens after the sample's end (stop token, stop string, length) were
+        computed inside the same K-step call but are never emitted.
+        """
+        p = s.params
+        keep, text, reason = [], "", None
+        for t in tokens.tolist():
+            if t in s.stop_ids:  # stop tokens are not part of the completion
+                reason = "stop"
+                break
+            keep.append(t)
+            if p.stop:  # token by token, so nothing after a stop string leaks out
+                text += s.text.push([t])
+                if s.text.stopped:
+                    reason = "stop"
+                    break
+            if s.generated + len(keep) >= p.max_tokens:
+                reason = "length"
+                break
+        if not p.stop and keep:
+            text = s.text.push(keep)
+        if reason is not None and not s.text.stopped:
+            text += s.text.finish()
+        s.generated += len(keep)
+        if keep:
+            s.last_token = keep[-1]
+        lps = logprobs[: len(keep)].tolist() if p.logprobs else None
+        if reason is not None:
+            self._slots[slot] = None
+        if keep or reason is not None:
+            yield Chunk(s.request.request_id, s.sample_index, text, keep, lps, reason,
+                        num_prompt_tokens=len(s.prompt))
+
+    # Snapshots ----------------------------------------------------------------
+    def _restore(self, snap: SlotSnapshot) -> None:
+        slot = self._free_slots()[0]
+        s = self._validate(snap.request, snap.sample_index)
+        s.generated, s.last_token = snap.generated, snap.last_token
+        s.text = copy.deepcopy(snap.text)
+        row = jax.device_put(snap.cache, self._replicated)
+        self.cache = self._on_slots(_insert(self.cache, row, jnp.asarray([slot], jnp.int32)))
+        self._slots[slot] = s
+
+
+@dataclasses.dataclass
+class _Reserved:
+    """A slot held for a sample that is still prefilling (not decoded yet)."""
+
+    sample: _Sample
+
+
+class _PrefillGroup:
+    """Prompts prefilled together, one chunk per engine iteration."""
+
+    def __init__(self, samples: list[_Sample], slots: list[int], engine: Engine):
+        ec = engine.engine_config
+        self.samples, self.slots = samples, slots
+        self.size = _pow2_at_least(len(samples))
+        self.lengths = np.zeros(self.size, np.int64)
+        self.lengths[: len(samples)] = [len(s.prompt) for s in samples]
+        self.offset = 0
+        self.cache = jax.device_put(
+            griffin.init_cache(engine.config, self.size, engine.dtype), engine._replicated)
+        self.last_logits = jnp.zeros((self.size, engine.config.vocab_size), jnp.float32)
+        self.chunk = ec.chunk_size
+        self.done = False
+
+    def advance(self, engine: Engine) -> None:
+        remaining = int(self.lengths.max()) - self.offset
+        length = min(self.chunk, _pow2_at_least(remaining, _MIN_CHUNK))
+        tokens = np.zeros((self.size, length), np.int32)
+        positions = np.full((self.size, length), -1, np.int32)
+        for i, s in enumerate(self.samples):
+            piece = s.prompt[self.offset : self.offset + length]
+            tokens[i, : len(piece)] = piece
+            positions[i, : len(piece)] = np.arange(self.offset, self.offset + len(piece))
+        self.cache, logits = _prefill_chunk(
+            engine.config, engine.params, self.cache, tokens, positions,
+            scan=engine.engine_config.scan_implementation)
+        # Keep the logits of rows whose prompt ended in this chunk.
+        ends = (self.lengths > self.offset) & (self.lengths <= self.offset + length)
+        self.last_logits = jnp.where(jnp.asarray(ends)[:, None], logits, self.last_logits)
+        self.offset += length
+        self.done = self.offset >= self.lengths.max()
+
+
+class _Pending:
+    """Lazily expands requests into (request, sample_index) items."""
+
+    def __init__(self, requests: Iterable[Request]):
+        self._it = iter(requests)
+        self._queue: collections.deque = collections.deque()
+
+    def _fill(self) -> None:
+        if not self._queue:
+            request = next(self._it, None)
+            if request is not None:
+                n = request.params.n if isinstance(request.params.n, int) else 1
+                self._queue.extend((request, i) for i in range(max(n, 1)))
+
+    def peek(self):
+        self._fill()
+        return self._queue[0] if self._queue else None
+
+    def pop(self):
+        self._fill()
+        return self._queue.popleft() if self._queue else None
+
+
+def _expand(requests: Iterable[Request]) -> _Pending:
+    return _Pending(requests)
+
+
+def _completion(chunks: list[Chunk]) -> Completion:
+    last = chunks[-1]
+    logprobs = None
+    if any(c.logprobs is not None for c in chunks):
+        logprobs = [x for c in chunks for x in (c.logprobs or [])]
+    return Completion(
+        request_id=last.request_id, sample_index=last.sample_index,
+        tokens=[t for c in chunks for t in c.tokens], text="".join(c.text for c in chunks),
+        finish_reason=last.finish_reason, num_prompt_tokens=last.num_prompt_tokens,
+        error=last.error, logprobs=logprobs)
+
+
+def sample(config: GriffinConfig, params: at.Params, tokenizer, prompts: list[str], *,
+           max_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, seed: int = 0, stop: Sequence[str] | None = None,
+           chunk_size: int | None = None, num_slots: int | None = None,
+           decode_steps: int = 32) -> list[Completion]:
+    """Completes ``prompts`` and returns one ``Completion`` each, in prompt order.
+
+    Prompts are encoded as the reference sampler does (BOS, then the ids).
+    Invalid prompts come back with ``finish_reason == "error"``.
+    """
+    params_ = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, seed=seed, stop=tuple(stop or ()))
+    n_dev = jax.local_device_count()
+    slots = num_slots or max(n_dev, _pow2_at_least(min(len(prompts), 32)))
+    slots = -(-slots // n_dev) * n_dev
+    engine = Engine(config, params, tokenizer, EngineConfig(
+        num_slots=slots, decode_steps=min(decode_steps, max(max_tokens, 1)),
+        chunk_size=chunk_size or 256))
+    requests = [Request(request_id=str(i), prompt=p, params=params_)
+                for i, p in enumerate(prompts)]
+    by_id = {c.request_id: c for c in engine.generate(requests)}
+    return [by_id[str(i)] for i in range(len(prompts))]
