@@ -30,11 +30,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from model import array_typing as at
-from model import griffin
+from model import griffin, sharding
 from model.config import GriffinConfig
 from model.requests import Completion, Request, RequestError, SamplingParams
 from model.sampling import RowParams, sample_tokens
@@ -58,7 +56,9 @@ class EngineConfig:
       min_ring: Smallest attention-ring bucket; decode attends only to the
         filled part of the window, rounded up to a power of two >= this.
       scan_implementation: RG-LRU scan backend (None: auto).
-      num_devices: Local devices to spread slots over (None: all).
+      num_devices: Local devices the engine spans (None: all).
+      model_parallel: Devices each parameter is split over (tensor
+        parallelism); slots are split over the remaining factor.
     """
 
     num_slots: int = 32
@@ -69,6 +69,7 @@ class EngineConfig:
     min_ring: int = 256
     scan_implementation: str | None = None
     num_devices: int | None = None
+    model_parallel: int = 1
 
     def __post_init__(self):
         for name in ("num_slots", "decode_steps", "chunk_size", "prefill_batch",
@@ -214,15 +215,14 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         self.engine_config = ec = engine_config or EngineConfig()
-        devices = jax.local_devices()[: ec.num_devices or None]
-        if ec.num_slots % len(devices):
+        self.mesh = sharding.make_mesh(ec.num_devices, ec.model_parallel)
+        data_size = self.mesh.shape[sharding.DATA]
+        if ec.num_slots % data_size:
             raise ValueError(f"EngineConfig.num_slots={ec.num_slots} must be a multiple of the "
-                             f"{len(devices)} devices the engine spans")
-        self.mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-        replicated = NamedSharding(self.mesh, P())
-        self._by_slot = NamedSharding(self.mesh, P("data"))
-        self._replicated = replicated
-        self.params = jax.device_put(params, replicated)
+                             f"{data_size} data-parallel device groups the engine spans")
+        self._by_slot = sharding.slot_sharding(self.mesh)
+        self._replicated = sharding.replicated(self.mesh)
+        self.params = jax.device_put(params, sharding.param_shardings(params, self.mesh))
         self.dtype = griffin.param_dtype(params)
         self.cache = jax.device_put(griffin.init_cache(config, ec.num_slots, self.dtype),
                                     self._by_slot)
