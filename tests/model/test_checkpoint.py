@@ -1,0 +1,520 @@
+"""Checkpoint loading: orbax (as the reference writes it) and Hugging Face safetensors.
+
+Numerics are checked against the two oracles: DeepMind's reference Flax model
+and transformers' RecurrentGemmaForCausalLM, both on tiny random models.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import fsspec
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from model import checkpoint, demo, testing
+from model.config import GriffinConfig, Preset
+
+# float32 logits of two implementations of the same model agree to this (max abs).
+LOGITS_ATOL = 1e-4
+SEQ_LEN = 12  # <= every attention window below: transformers' window is one shorter past it
+BATCH = 2
+
+CONFIGS = {
+    "griffin": testing.tiny_config(),
+    # width != lru_width, 3 heads, irregular block order, no embedding scale, no soft-cap.
+    "irregular": testing.tiny_config(
+        width=48,
+        num_heads=3,
+        lru_width=96,
+        mlp_expanded_width=80,
+        block_types=("attention", "recurrent", "recurrent", "attention"),
+        embeddings_scale_by_sqrt_dim=False,
+        logits_soft_cap=0.0,
+    ),
+    "hawk": testing.tiny_config(
+        width=32, num_heads=2, lru_width=48, block_types=("recurrent",) * 2
+    ),
+    "attention_only": testing.tiny_config(width=32, num_heads=2, block_types=("attention",)),
+}
+
+
+def _tokens(vocab_size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab_size, (BATCH, SEQ_LEN)).astype(np.int32)
+
+
+@functools.cache
+def _reference_apply(config: GriffinConfig):
+    """Jitted reference forward pass: (params, tokens) -> float32 logits."""
+    from recurrentgemma import jax as rg
+
+    model = rg.Griffin(testing.reference_config(config), gradient_checkpointing=False)
+
+    @jax.jit
+    def apply(params, tokens):
+        pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        return model.apply({"params": params}, tokens, pos)[0].astype(jnp.float32)
+
+    return apply
+
+
+def _assert_trees_equal(a, b):
+    fa, fb = dict(testing.iter_leaves(a)), dict(testing.iter_leaves(b))
+    assert sorted(fa) == sorted(fb)
+    for k in fa:
+        x, y = np.asarray(fa[k]), np.asarray(fb[k])
+        assert x.dtype == y.dtype and x.shape == y.shape, (k, x.dtype, y.dtype, x.shape, y.shape)
+        np.testing.assert_array_equal(x, y, err_msg=k)
+
+
+def _max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+
+
+def _hyper_json(config: GriffinConfig) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k in checkpoint._HYPER_FIELDS}
+
+
+# ---------------------------------------------------------------------------------------------
+# The parameter tree itself.
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_param_shapes_match_reference_init(name):
+    from recurrentgemma import jax as rg
+
+    config = CONFIGS[name]
+    model = rg.Griffin(testing.reference_config(config))
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    ref = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, jnp.arange(4)[None])["params"]
+    ref_shapes = {k: tuple(v.shape) for k, v in testing.iter_leaves(jax.tree.map(lambda x: x, ref))}
+    assert ref_shapes == dict(testing.iter_leaves(checkpoint.param_shapes(config)))
+    inferred = checkpoint.infer_shape_fields(testing.random_params(config), source="x")
+    assert GriffinConfig(**{**config.to_dict(), **inferred}) == config
+
+
+# ---------------------------------------------------------------------------------------------
+# orbax.
+
+
+@pytest.fixture(scope="session")
+def reference_orbax(tmp_path_factory):
+    """Checkpoints written by the reference's own save_parameters from its own (perturbed) init."""
+    from recurrentgemma import jax as rg
+    from recurrentgemma.jax import utils as rg_utils
+
+    out = {}
+    for name in ("griffin", "irregular"):
+        config = CONFIGS[name]
+        model = rg.Griffin(testing.reference_config(config))
+        tokens = jnp.zeros((1, 4), jnp.int32)
+        params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens, jnp.arange(4)[None])["params"]
+        params = testing.perturb(jax.tree.map(np.asarray, params), seed=2)
+        path = str(tmp_path_factory.mktemp("ref") / name)
+        rg_utils.save_parameters(path, params)
+        out[name] = (path, config, params)
+    return out
+
+
+def _load_with_hypers(path, config):
+    """Loads a reference-written checkpoint with a config.json of the hyper-parameters beside it."""
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(_hyper_json(config), f)
+    try:
+        return checkpoint.load_checkpoint(path)
+    finally:
+        os.remove(os.path.join(path, "config.json"))
+
+
+@pytest.mark.parametrize("name", ["griffin", "irregular"])
+def test_reference_saved_checkpoint_loads_with_config_json(reference_orbax, name):
+    path, config, params = reference_orbax[name]
+    loaded_config, loaded = _load_with_hypers(path, config)
+    assert loaded_config == config
+    _assert_trees_equal(loaded, params)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(loaded))
+    tokens = _tokens(config.vocab_size)
+    np.testing.assert_array_equal(
+        np.asarray(_reference_apply(config)(loaded, tokens)),
+        np.asarray(_reference_apply(config)(params, tokens)),
+    )
+
+
+@pytest.mark.parametrize("name", ["griffin", "irregular"])
+def test_forward_logits_on_loaded_checkpoint_matches_reference(reference_orbax, name):
+    import model as model_pkg
+
+    path, config, params = reference_orbax[name]
+    loaded_config, loaded = _load_with_hypers(path, config)
+    tokens = _tokens(config.vocab_size)
+    expected = _reference_apply(config)(params, tokens)
+    ours = model_pkg.forward_logits(loaded_config, loaded, tokens)
+    diff = _max_diff(ours, expected)
+    print(f"{name}: model.forward_logits vs reference Flax, max abs diff {diff:.3g}")
+    assert diff <= LOGITS_ATOL
+
+
+def test_hyper_parameters_from_preset_or_missing(reference_orbax):
+    path, config, _ = reference_orbax["griffin"]
+    with pytest.raises(checkpoint.CheckpointError, match=r"preset=.*config\.json"):
+        checkpoint.load_checkpoint(path)
+    # Tiny shapes never match a real preset; the error names the field and both values.
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"recurrentgemma-2b.*width is 64 in the checkpoint but 2560",
+    ):
+        checkpoint.load_checkpoint(path, preset="recurrentgemma-2b")
+
+
+def test_preset_supplies_hyper_parameters(tmp_path, monkeypatch):
+    # Real presets are too big to build here, so shrink Hawk-7B's shapes in the preset table:
+    # the hyper-parameters (window, soft-cap, embedding scale) then come from the preset.
+    from model import config as config_module
+
+    small = Preset.HAWK_7B.config(vocab_size=32).replace(
+        width=32, mlp_expanded_width=96, num_heads=2, lru_width=64, block_types=("recurrent",) * 2
+    )
+    monkeypatch.setitem(
+        config_module._PRESETS,
+        Preset.HAWK_7B,
+        {k: getattr(small, k) for k in config_module._PRESETS[Preset.HAWK_7B]},
+    )
+    path = str(tmp_path / "ckpt")
+    ocp.PyTreeCheckpointer().save(path, testing.random_params(small))  # no "params" level
+    loaded_config, _ = checkpoint.load_checkpoint(path, preset="hawk-7b")
+    assert loaded_config == small
+    assert loaded_config.attention_window_size == 1024 and loaded_config.logits_soft_cap == 0.0
+
+
+def test_orbax_round_trip_and_dtype(tmp_path):
+    config = CONFIGS["hawk"]
+    params = testing.random_params(config, seed=3)
+    path = str(tmp_path / "ckpt")
+    checkpoint.save_checkpoint(path, config, params)
+    assert checkpoint.detect_format(path) == checkpoint.ORBAX
+    loaded_config, loaded = checkpoint.load_checkpoint(path)
+    assert loaded_config == config
+    _assert_trees_equal(loaded, params)
+    _, bf16 = checkpoint.load_checkpoint(path, dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
+    _, f32 = checkpoint.load_checkpoint(path, dtype=jnp.float32)
+    assert {x.dtype for x in jax.tree.leaves(f32)} == {jnp.dtype(jnp.float32)}
+    with pytest.raises(FileExistsError):
+        checkpoint.save_checkpoint(path, config, params)
+
+
+def test_attention_only_model_round_trips(tmp_path):
+    config = CONFIGS["attention_only"]
+    params = testing.random_params(config, seed=4)
+    checkpoint.save_checkpoint(str(tmp_path / "o"), config, params)
+    loaded_config, loaded = checkpoint.load_checkpoint(str(tmp_path / "o"))
+    assert loaded_config == config  # num_heads from width // proj_k width
+    _assert_trees_equal(loaded, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face.
+
+HF_CONFIG = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=2 * 96,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    lru_width=96,
+    num_hidden_layers=4,
+    block_types=["attention", "recurrent", "recurrent"],
+    attention_window_size=16,
+    logits_soft_cap=30.0,
+)
+
+
+@pytest.fixture(scope="session")
+def hf_model(tmp_path_factory):
+    """A random transformers RecurrentGemmaForCausalLM (every weight perturbed), saved twice."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf_config = transformers.RecurrentGemmaConfig(**HF_CONFIG, attn_implementation="eager")
+    model = transformers.RecurrentGemmaForCausalLM(hf_config).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    tokens = _tokens(HF_CONFIG["vocab_size"], seed=5)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(tokens).long(), use_cache=False).logits.numpy()
+    root = tmp_path_factory.mktemp("hf")
+    single, sharded = str(root / "single"), str(root / "sharded")
+    model.save_pretrained(single)
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    return {"single": single, "sharded": sharded, "tokens": tokens, "logits": logits}
+
+
+def test_hf_checkpoint_matches_transformers(hf_model):
+    config, params = checkpoint.load_checkpoint(hf_model["single"])
+    assert config == GriffinConfig(
+        vocab_size=256,
+        width=64,
+        mlp_expanded_width=96,
+        num_heads=4,
+        lru_width=96,
+        block_types=("attention", "recurrent", "recurrent", "attention"),
+        embeddings_scale_by_sqrt_dim=True,
+        attention_window_size=16,
+        logits_soft_cap=30.0,
+    )
+    ours = _reference_apply(config)(params, hf_model["tokens"])
+    diff = _max_diff(ours, hf_model["logits"])
+    print(f"reference Flax on converted params vs transformers: max abs diff {diff:.3g}")
+    assert diff <= LOGITS_ATOL
+
+
+def test_hf_sharded_checkpoint(hf_model):
+    names = os.listdir(hf_model["sharded"])
+    assert checkpoint.HF_INDEX_JSON in names
+    assert sum(n.endswith(".safetensors") for n in names) > 1
+    config, params = checkpoint.load_checkpoint(hf_model["sharded"])
+    single_config, single = checkpoint.load_checkpoint(hf_model["single"])
+    assert config == single_config
+    _assert_trees_equal(params, single)
+
+
+def test_our_hf_writer_loads_in_transformers(tmp_path):
+    import torch
+    import transformers
+
+    config = CONFIGS["griffin"]
+    params = testing.random_params(config, seed=6)
+    path = str(tmp_path / "hf")
+    checkpoint.save_checkpoint(path, config, params, format="hf")
+    assert checkpoint.detect_format(path) == checkpoint.HF
+    loaded_config, loaded = checkpoint.load_checkpoint(path)
+    assert loaded_config == config
+    _assert_trees_equal(loaded, params)
+
+    model = transformers.RecurrentGemmaForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    tokens = _tokens(config.vocab_size, seed=7)
+    with torch.no_grad():
+        hf_logits = model(torch.from_numpy(tokens).long(), use_cache=False).logits.numpy()
+    diff = _max_diff(_reference_apply(config)(params, tokens), hf_logits)
+    print(f"our hf writer: transformers vs reference Flax, max abs diff {diff:.3g}")
+    assert diff <= LOGITS_ATOL
+
+
+def test_hf_bfloat16_and_untied_head(tmp_path):
+    config = CONFIGS["griffin"]
+    params = testing.random_params(config, seed=8, dtype=ml_dtypes.bfloat16)
+    path = str(tmp_path / "hf")
+    checkpoint.save_checkpoint(path, config, params, format="hf")
+    _, loaded = checkpoint.load_checkpoint(path)
+    _assert_trees_equal(loaded, params)
+    # A tied lm_head stored explicitly is fine; a different one is refused.
+    flat = checkpoint.params_to_hf(config, dict(testing.iter_leaves(params)))
+    flat["lm_head.weight"] = flat["model.embed_tokens.weight"]
+    fs = fsspec.filesystem("file")
+    checkpoint._write_safetensors(fs, f"{path}/model.safetensors", flat)
+    checkpoint.load_checkpoint(path)
+    flat["lm_head.weight"] = flat["lm_head.weight"] + np.ones((), ml_dtypes.bfloat16)
+    checkpoint._write_safetensors(fs, f"{path}/model.safetensors", flat)
+    with pytest.raises(checkpoint.CheckpointError, match="lm_head.weight differs"):
+        checkpoint.load_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# fsspec.
+
+
+def test_load_from_memory_filesystem(hf_model, tmp_path):
+    config = CONFIGS["irregular"]
+    params = testing.random_params(config, seed=9)
+    local = str(tmp_path / "orbax")
+    checkpoint.save_checkpoint(local, config, params)
+    fs = fsspec.filesystem("memory")
+    fs.put(local, "/ckpts/orbax", recursive=True)
+    fs.put(hf_model["sharded"], "/ckpts/hf", recursive=True)
+    try:
+        loaded_config, loaded = checkpoint.load_checkpoint("memory://ckpts/orbax")
+        assert loaded_config == config
+        _assert_trees_equal(loaded, params)
+        hf_config, hf = checkpoint.load_checkpoint("memory://ckpts/hf")
+        single_config, single = checkpoint.load_checkpoint(hf_model["single"])
+        assert hf_config == single_config
+        _assert_trees_equal(hf, single)
+        # And writing to fsspec URLs.
+        checkpoint.save_checkpoint("memory://ckpts/written", config, params, format="orbax")
+        _assert_trees_equal(checkpoint.load_checkpoint("memory://ckpts/written")[1], params)
+        cfg = CONFIGS["griffin"]
+        p = testing.random_params(cfg)
+        checkpoint.save_checkpoint("memory://ckpts/written_hf", cfg, p, format="hf")
+        _assert_trees_equal(checkpoint.load_checkpoint("memory://ckpts/written_hf")[1], p)
+    finally:
+        fs.rm("/ckpts", recursive=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors.
+
+
+def test_missing_and_unknown_directories(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        checkpoint.load_checkpoint(str(tmp_path / "nowhere"))
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "weights.bin").write_bytes(os.urandom(64))
+    (junk / "notes.txt").write_text("hello")
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"unknown format; found \['notes.txt', 'weights.bin'\].*orbax.*safetensors",
+    ):
+        checkpoint.load_checkpoint(str(junk))
+    (junk / "notes.txt").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="is a file"):
+        checkpoint.load_checkpoint(str(junk / "weights.bin"))
+
+
+def _save_orbax_flat(path, config, flat, hypers=True):
+    ocp.PyTreeCheckpointer().save(path, {"params": checkpoint._unflatten(flat)})
+    if hypers:
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(_hyper_json(config), f)
+
+
+def test_orbax_shape_and_key_errors(tmp_path):
+    config = CONFIGS["griffin"]
+    good = dict(testing.iter_leaves(testing.random_params(config)))
+
+    bad = dict(good)
+    bad["blocks.1/recurrent_block/linear_out/kernel"] = np.zeros((64, 63), np.float32)
+    _save_orbax_flat(str(tmp_path / "shape"), config, bad)
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"blocks\.1/recurrent_block/linear_out/kernel has shape \(64, 63\), "
+        r"expected \(64, 64\)",
+    ):
+        checkpoint.load_checkpoint(str(tmp_path / "shape"))
+
+    missing = dict(good)
+    del missing["blocks.2/attention_block/proj_v/kernel"]
+    _save_orbax_flat(str(tmp_path / "missing"), config, missing)
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"missing parameter blocks\.2/attention_block/proj_v/kernel "
+        r"\(expected shape \(64, 16\)",
+    ):
+        checkpoint.load_checkpoint(str(tmp_path / "missing"))
+
+    extra = dict(good)
+    extra["blocks.0/recurrent_block/extra"] = np.zeros((3,), np.float32)
+    _save_orbax_flat(str(tmp_path / "extra"), config, extra)
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"extra.*unexpected parameter blocks\.0/recurrent_block/extra",
+    ):
+        checkpoint.load_checkpoint(str(tmp_path / "extra"))
+
+    _save_orbax_flat(str(tmp_path / "disagree"), config, good, hypers=False)
+    with open(tmp_path / "disagree" / "config.json", "w") as f:
+        json.dump({**_hyper_json(config), "num_heads": 8}, f)
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"num_heads is 8 in .*config\.json but the parameters have 4",
+    ):
+        checkpoint.load_checkpoint(str(tmp_path / "disagree"))
+
+
+def test_hf_shape_and_config_errors(hf_model, tmp_path):
+    config = CONFIGS["griffin"]
+    flat = checkpoint.params_to_hf(config, dict(testing.iter_leaves(testing.random_params(config))))
+    fs = fsspec.filesystem("file")
+
+    def write(name, tensors, hf_config=None):
+        path = tmp_path / name
+        path.mkdir()
+        checkpoint._write_safetensors(fs, str(path / "model.safetensors"), tensors)
+        if hf_config is not False:
+            with open(path / "config.json", "w") as f:
+                json.dump(hf_config or checkpoint.hf_config_dict(config), f)
+        return str(path)
+
+    bad = dict(flat)
+    bad["model.layers.1.temporal_block.linear_out.weight"] = np.zeros((64, 32), np.float32)
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"model\.safetensors: tensor model\.layers\.1\.temporal_block\.linear_out"
+        r"\.weight has shape \(64, 32\), expected \(64, 64\)",
+    ):
+        checkpoint.load_checkpoint(write("shape", bad))
+
+    missing = {k: v for k, v in flat.items() if "layers.2.temporal_block.v_proj" not in k}
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"missing tensor model\.layers\.2\.temporal_block\.v_proj\.weight "
+        r"\(expected shape \(16, 64\)\)",
+    ):
+        checkpoint.load_checkpoint(write("missing", missing))
+
+    extra = {**flat, "model.layers.0.temporal_block.surprise": np.zeros(2, np.float32)}
+    with pytest.raises(checkpoint.CheckpointError, match=r"unexpected tensor .*surprise"):
+        checkpoint.load_checkpoint(write("extra", extra))
+
+    kv = {**checkpoint.hf_config_dict(config), "num_key_value_heads": 4}
+    with pytest.raises(checkpoint.CheckpointError, match="num_key_value_heads=4 is not supported"):
+        checkpoint.load_checkpoint(write("kv", flat, kv))
+
+    wide = {**checkpoint.hf_config_dict(config), "hidden_size": 128}
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"width is 128 in .*config\.json but the parameters have 64",
+    ):
+        checkpoint.load_checkpoint(write("wide", flat, wide))
+
+    no_config = write("no_config", flat, hf_config=False)
+    with pytest.raises(checkpoint.CheckpointError, match=r"pass preset="):
+        checkpoint.load_checkpoint(no_config)
+
+    (tmp_path / "trunc").mkdir()
+    (tmp_path / "trunc" / "model.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"trunc/model\.safetensors: not a safetensors"
+    ):
+        checkpoint.load_checkpoint(str(tmp_path / "trunc"))
+
+    with pytest.raises(checkpoint.CheckpointError, match=r"width is 64 in the checkpoint but 2560"):
+        checkpoint.load_checkpoint(hf_model["single"], preset=Preset.RECURRENTGEMMA_2B)
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundled demo model.
+
+
+def test_demo_assets_load_and_are_reproducible(tmp_path):
+    from model import tokenizer
+
+    config, params = checkpoint.load_checkpoint(demo.demo_checkpoint_path())
+    assert config == demo.DEMO_CONFIG
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    tok = tokenizer.load_tokenizer(demo.demo_tokenizer_path())
+    assert tok.vocab_size == config.vocab_size
+    assert tok.end_of_turn_id is not None
+
+    demo.write_demo_assets(str(tmp_path))
+    for name in ("checkpoint/config.json", "checkpoint/model.safetensors"):
+        with open(os.path.join(demo.DEMO_DIR, name), "rb") as a, open(tmp_path / name, "rb") as b:
+            assert a.read() == b.read(), f"{name} is not reproduced by write_demo_assets"
+    fresh = tokenizer.load_tokenizer(str(tmp_path / "tokenizer.model"))
+    pieces = lambda t: [t.id_to_piece(i) for i in range(t.vocab_size)]  # noqa: E731
+    assert pieces(fresh) == pieces(tok)
+    sizes = sum(
+        os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(demo.DEMO_DIR) for f in fs
+    )
+    assert sizes < 3_000_000
