@@ -313,4 +313,6 @@ class _FfwUp(nn.Module):
                        (2, self.width, self.expanded_width))
         b = self.param("b", nn.initializers.zeros_init(), (2, 1, 1, self.expanded_width))
         x, w, b = nn.dtypes.promote_dtype(x, w, b)
-        return jnp.einsum("...td,cdD->c...tD", x, w) + b  # [2, b, t, m]
+        # Two plain matmuls, not one einsum with a batch axis on w: XLA:CPU
+        # re-lays out a batched weight on every decode step inside a loop.
+        return jnp.stack([x @ w[0] + b[0, 0], x @ w[1] + b[1, 0]])  # [2, b, t, m]

@@ -69,16 +69,21 @@ def sample_tokens(
       (untempered, unfiltered) distribution.
     """
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1)
-    temperature = jnp.where(rows.temperature > 0, rows.temperature, 1.0)
-    scaled = logits / temperature[:, None]
-    needs_filter = jnp.any((rows.top_k > 0) | (rows.top_p < 1.0))
-    # Sorting the vocabulary is the costly part: skip it when no row filters.
-    scaled = jax.lax.cond(
-        needs_filter, lambda x: _filter_top_k_top_p(x, rows.top_k, rows.top_p), lambda x: x,
-        scaled)
-    keys = token_keys(rows.seed, rows.sample_index, token_index)
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled)
-    tokens = jnp.where(rows.temperature > 0, drawn, greedy).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(logits):
+        temperature = jnp.where(rows.temperature > 0, rows.temperature, 1.0)
+        scaled = logits / temperature[:, None]
+        needs_filter = jnp.any((rows.top_k > 0) | (rows.top_p < 1.0))
+        # Sorting the vocabulary is the costly part: skip it when no row filters.
+        scaled = jax.lax.cond(
+            needs_filter, lambda x: _filter_top_k_top_p(x, rows.top_k, rows.top_p),
+            lambda x: x, scaled)
+        keys = token_keys(rows.seed, rows.sample_index, token_index)
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        return jnp.where(rows.temperature > 0, drawn, greedy)
+
+    # Drawing costs a random number per vocabulary entry: skip it for all-greedy batches.
+    tokens = jax.lax.cond(jnp.any(rows.temperature > 0), draw, lambda _: greedy, logits)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], -1)[:, 0]
     return tokens, logprobs
