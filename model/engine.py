@@ -106,8 +106,12 @@ class SlotSnapshot:
       prompt_len: prompt length in tokens.
       generated: tokens generated so far.
       last_token: the token to feed next.
-      cache: the slot's model state as numpy arrays (a pytree of one row).
-      text: the text stream (decoder tail and held-back text).
+      cache: the slot's model state as numpy arrays (a pytree of one row);
+        None when the sample no longer decodes (it finished, or was rejected)
+        but ``undelivered`` still holds its last chunks.
+      text: the text stream (decoder tail and held-back text); None with cache.
+      undelivered: chunks already computed (the state above includes them) but
+        not yet handed out when the snapshot was taken; resuming yields them first.
     """
 
     request: Request
@@ -115,8 +119,9 @@ class SlotSnapshot:
     prompt_len: int
     generated: int
     last_token: int
-    cache: object
-    text: TextStream
+    cache: object | None
+    text: TextStream | None
+    undelivered: list[Chunk] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -227,6 +232,11 @@ class Engine:
         self.cache = jax.device_put(griffin.init_cache(config, ec.num_slots, self.dtype),
                                     self._by_slot)
         self._slots: list[_Sample | None] = [None] * ec.num_slots
+        # Chunks computed but not yet yielded, with their (request, sample or None).
+        # A decode round advances every slot's cache at once, so its chunks wait
+        # here and snapshots taken between yields can account for them.
+        self._outbox: collections.deque[tuple[Request, _Sample | None, Chunk]] = (
+            collections.deque())
         self._always_stop = frozenset(getattr(tokenizer, "stop_token_ids", ()) or ())
 
     # Public API -----------------------------------------------------------
@@ -251,23 +261,40 @@ class Engine:
         restored = collections.deque(resume)
         group = None
         while True:
-            while restored and self._free_slots():
+            while restored and (restored[0].cache is None or self._free_slots()):
                 self._restore(restored.popleft())
+            yield from self._deliver()
             if group is None and self._free_slots():
                 group, errors = self._start_group(pending)
-                yield from errors
+                self._outbox.extend(errors)
+                yield from self._deliver()
             if group is not None:
                 group.advance(self)
                 if group.done:
-                    yield from self._finish_group(group)
+                    self._finish_group(group)
                     group = None
+                    yield from self._deliver()
             if any(self._slots):
-                yield from self._decode_round()
+                self._decode_round()
+                yield from self._deliver()
             elif group is None and not restored and not self._has_pending(pending):
                 return
 
+    def _deliver(self) -> Iterator[Chunk]:
+        while self._outbox:
+            yield self._outbox.popleft()[2]  # popped first: a snapshot now excludes it
+
     def snapshot(self) -> list[SlotSnapshot]:
-        """Snapshots every occupied slot (call between ``stream`` iterations)."""
+        """Snapshots every decoding slot and every chunk not yet handed out.
+
+        Call between ``stream`` iterations. Chunks yielded so far plus the
+        output of ``stream([], resume=snapshot)`` equal an uninterrupted run.
+        Samples still prefilling and requests not yet started are not included.
+        """
+        undelivered: dict[int, tuple[Request, _Sample | None, list[Chunk]]] = {}
+        for request, s, chunk in self._outbox:
+            key = id(s) if s is not None else id(chunk)
+            undelivered.setdefault(key, (request, s, []))[2].append(chunk)
         out = []
         for slot, s in enumerate(self._slots):
             if not isinstance(s, _Sample):
@@ -276,7 +303,13 @@ class Engine:
             out.append(SlotSnapshot(
                 request=s.request, sample_index=s.sample_index, prompt_len=len(s.prompt),
                 generated=s.generated, last_token=s.last_token, cache=row,
-                text=copy.deepcopy(s.text)))
+                text=copy.deepcopy(s.text), undelivered=undelivered.pop(id(s), (None, s, []))[2]))
+        for request, s, chunks in undelivered.values():  # finished or rejected samples
+            out.append(SlotSnapshot(
+                request=request, sample_index=chunks[0].sample_index,
+                prompt_len=chunks[0].num_prompt_tokens, generated=s.generated if s else 0,
+                last_token=s.last_token if s else 0, cache=None, text=None,
+                undelivered=chunks))
         return out
 
     def compile_counts(self) -> dict[str, int]:
@@ -321,7 +354,7 @@ class Engine:
                        stop_ids=self._always_stop | frozenset(p.stop_token_ids),
                        text=TextStream(self.tokenizer.stream_decoder(), tuple(p.stop)))
 
-    def _start_group(self, pending) -> tuple[_PrefillGroup | None, list[Chunk]]:
+    def _start_group(self, pending) -> tuple[_PrefillGroup | None, list]:
         free = self._free_slots()
         want = min(len(free), self.engine_config.prefill_batch)
         samples, errors = [], []
@@ -330,15 +363,15 @@ class Engine:
             try:
                 samples.append(self._validate(request, index))
             except RequestError as e:
-                errors.append(Chunk(request.request_id, index, "", [], finish_reason="error",
-                                    error=str(e)))
+                errors.append((request, None, Chunk(request.request_id, index, "", [],
+                                                    finish_reason="error", error=str(e))))
         if not samples:
             return None, errors
         for slot, s in zip(free, samples, strict=False):
             self._slots[slot] = _Reserved(s)
         return _PrefillGroup(samples, free[: len(samples)], self), errors
 
-    def _finish_group(self, group: _PrefillGroup) -> Iterator[Chunk]:
+    def _finish_group(self, group: _PrefillGroup) -> None:
         rows = _row_params(group.samples + [None] * (group.size - len(group.samples)))
         tokens, logprobs = _first_tokens(group.last_logits, rows)
         slots = np.full(group.size, self.engine_config.num_slots, np.int32)
@@ -347,7 +380,8 @@ class Engine:
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
         for i, (slot, s) in enumerate(zip(group.slots, group.samples, strict=True)):
             self._slots[slot] = s
-            yield from self._emit(slot, s, tokens[i : i + 1], logprobs[i : i + 1])
+            self._outbox.extend((s.request, s, c)
+                                for c in self._emit(slot, s, tokens[i : i + 1], logprobs[i : i + 1]))
 
     # Decoding -----------------------------------------------------------------
     def _ring_limit(self, steps: int) -> int | None:
@@ -356,7 +390,7 @@ class Engine:
         limit = _pow2_at_least(top + 1, self.engine_config.min_ring)
         return None if limit >= window else limit
 
-    def _decode_round(self) -> Iterator[Chunk]:
+    def _decode_round(self) -> None:
         ec = self.engine_config
         live = [s if isinstance(s, _Sample) else None for s in self._slots]
         if not any(live):
@@ -372,7 +406,8 @@ class Engine:
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
         for slot, s in enumerate(live):
             if s is not None:
-                yield from self._emit(slot, s, tokens[slot], logprobs[slot])
+                self._outbox.extend((s.request, s, c)
+                                    for c in self._emit(slot, s, tokens[slot], logprobs[slot]))
 
     def _emit(self, slot: int, s: _Sample, tokens: np.ndarray, logprobs: np.ndarray
               ) -> Iterator[Chunk]:
@@ -412,6 +447,9 @@ class Engine:
 
     # Snapshots ----------------------------------------------------------------
     def _restore(self, snap: SlotSnapshot) -> None:
+        if snap.cache is None:  # nothing left to compute, only chunks to hand out
+            self._outbox.extend((snap.request, None, c) for c in snap.undelivered)
+            return
         slot = self._free_slots()[0]
         s = self._validate(snap.request, snap.sample_index)
         s.generated, s.last_token = snap.generated, snap.last_token
@@ -419,6 +457,7 @@ class Engine:
         row = jax.device_put(snap.cache, self._replicated)
         self.cache = self._on_slots(_insert(self.cache, row, jnp.asarray([slot], jnp.int32)))
         self._slots[slot] = s
+        self._outbox.extend((snap.request, s, c) for c in snap.undelivered)
 
 
 @dataclasses.dataclass

@@ -134,7 +134,7 @@ def init_cache(config: GriffinConfig, batch_size: int, dtype=jnp.float32) -> Cac
                 conv1d_state=jnp.zeros((batch_size, config.conv1d_width - 1, e), dtype)))
         else:
             assert block_type == ATTENTION
-            shape = (batch_size, config.attention_window_size, config.head_dim)
+            shape = (batch_size, config.attention_window_size + 1, config.head_dim)
             caches.append(layers.AttentionCache(
                 keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
                 num_tokens=jnp.zeros((batch_size,), jnp.int32)))

@@ -45,13 +45,15 @@ class RecurrentCache(NamedTuple):
 
 
 class AttentionCache(NamedTuple):
-    """Ring buffer of the last ``window`` keys and values of an attention block.
+    """Ring buffer of the last ``window + 1`` keys and values of an attention block.
 
-    The key of position p lives in slot ``p % window``; ``num_tokens`` is the
-    number of tokens the row has seen, so a slot's position is recoverable.
+    A query attends to itself and the ``window`` tokens before it, so the ring
+    holds window + 1 entries. The key of position p lives in slot
+    ``p % (window + 1)``; ``num_tokens`` is the number of tokens the row has
+    seen, so every slot's position is recoverable.
 
     Attributes:
-      keys: [b, s, h] rotated keys (s = attention window).
+      keys: [b, s, h] rotated keys (s = attention window + 1).
       values: [b, s, h] values.
       num_tokens: [b] int32 tokens seen so far.
     """
@@ -258,35 +260,45 @@ class LocalAttentionBlock(nn.Module):
         q = apply_rope(einops.rearrange(q, "b t (n h) -> b t n h", n=self.num_heads), positions)
         k = apply_rope(k, positions)  # [b, t, h]
 
+        ring_len = self.window_size + 1
         if cache is None:
-            ring_k = ring_v = jnp.zeros((batch, 0, head_dim), k.dtype)
-            ring_pos = jnp.zeros((batch, 0), jnp.int32)
-            num_tokens = jnp.zeros((batch,), jnp.int32)
-            full_k = full_v = jnp.zeros((batch, self.window_size, head_dim), k.dtype)
-        else:
-            full_k, full_v, num_tokens = cache
-            limit = ring_limit or full_k.shape[1]
-            ring_k, ring_v = full_k[:, :limit], full_v[:, :limit]
-            ring_pos = ring_positions(num_tokens, full_k.shape[1])[:, :limit]
-
-        keys = jnp.concatenate([ring_k, k.astype(ring_k.dtype)], axis=1)  # [b, s+t, h]
-        values = jnp.concatenate([ring_v, v.astype(ring_v.dtype)], axis=1)
-        k_pos = jnp.concatenate([ring_pos, positions], axis=1)  # [b, s+t]
-        q_pos, k_pos = positions[:, :, None], k_pos[:, None, :]
-        mask = (k_pos >= 0) & (q_pos >= k_pos) & (q_pos - k_pos <= self.window_size)
-
-        logits = jnp.einsum("btnh,bsh->bnts", q, keys.astype(q.dtype)) * head_dim**-0.5
-        logits = jnp.where(mask[:, None], logits, _MIN_LOGITS_VALUE).astype(jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-        encoded = jnp.einsum("bnts,bsh->btnh", probs, values.astype(x.dtype))
-        out = nn.Dense(self.width, kernel_init=_fan_in_normal, name="proj_final")(
-            einops.rearrange(encoded, "b t n h -> b t (n h)"))
-
+            empty = jnp.zeros((batch, ring_len, head_dim), k.dtype)
+            cache = AttentionCache(empty, empty, jnp.zeros((batch,), jnp.int32))
+        full_k, full_v, num_tokens = cache
         new_cache = AttentionCache(
             keys=write_ring(full_k, k, positions),
             values=write_ring(full_v, v, positions),
             num_tokens=num_tokens + _num_valid(positions),
         )
+        limit = ring_limit or ring_len
+        q_pos = positions[:, None, :, None]  # [b, 1, t, 1]
+
+        def scores(keys, k_pos):  # keys [b, s, h], k_pos [b, s] -> [b, n, t, s]
+            k_pos = k_pos[:, None, None, :]
+            mask = (k_pos >= 0) & (q_pos >= k_pos) & (q_pos - k_pos <= self.window_size)
+            logits = jnp.einsum("btnh,bsh->bnts", q, keys.astype(q.dtype)) * head_dim**-0.5
+            return jnp.where(mask, logits, _MIN_LOGITS_VALUE).astype(jnp.float32)
+
+        if t == 1:
+            # Decode: write first, then attend over the ring alone. The ring has
+            # window + 1 slots so the new key overwrites nothing still needed,
+            # and XLA updates it in place instead of copying it every step.
+            ring_pos = ring_positions(new_cache.num_tokens, ring_len)[:, :limit]
+            probs = jax.nn.softmax(scores(new_cache.keys[:, :limit], ring_pos), -1)
+            encoded = jnp.einsum("bnts,bsh->btnh", probs.astype(x.dtype),
+                                 new_cache.values[:, :limit].astype(x.dtype))
+        else:
+            # Prefill chunk: earlier ring entries and the chunk's own keys are
+            # scored separately (a concatenation would copy the ring).
+            ring_pos = ring_positions(num_tokens, ring_len)[:, :limit]
+            logits = jnp.concatenate(
+                [scores(full_k[:, :limit], ring_pos), scores(k, positions)], axis=-1)
+            probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+            encoded = (jnp.einsum("bnts,bsh->btnh", probs[..., :limit],
+                                  full_v[:, :limit].astype(x.dtype))
+                       + jnp.einsum("bnts,bsh->btnh", probs[..., limit:], v.astype(x.dtype)))
+        out = nn.Dense(self.width, kernel_init=_fan_in_normal, name="proj_final")(
+            einops.rearrange(encoded, "b t n h -> b t (n h)"))
         return out, new_cache
 
 
