@@ -17,8 +17,9 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import safetensors
 
-from model import checkpoint, demo, testing
+from model import checkpoint, demo, hf_checkpoint, testing
 from model.config import GriffinConfig, Preset
 
 # float32 logits of two implementations of the same model agree to this (max abs).
@@ -319,13 +320,13 @@ def test_hf_bfloat16_and_untied_head(tmp_path):
     _, loaded = checkpoint.load_checkpoint(path)
     _assert_trees_equal(loaded, params)
     # A tied lm_head stored explicitly is fine; a different one is refused.
-    flat = checkpoint.params_to_hf(config, dict(testing.iter_leaves(params)))
+    flat = hf_checkpoint.params_to_hf(config, dict(testing.iter_leaves(params)))
     flat["lm_head.weight"] = flat["model.embed_tokens.weight"]
     fs = fsspec.filesystem("file")
-    checkpoint._write_safetensors(fs, f"{path}/model.safetensors", flat)
+    hf_checkpoint.write_safetensors(fs, f"{path}/model.safetensors", flat)
     checkpoint.load_checkpoint(path)
     flat["lm_head.weight"] = flat["lm_head.weight"] + np.ones((), ml_dtypes.bfloat16)
-    checkpoint._write_safetensors(fs, f"{path}/model.safetensors", flat)
+    hf_checkpoint.write_safetensors(fs, f"{path}/model.safetensors", flat)
     with pytest.raises(checkpoint.CheckpointError, match="lm_head.weight differs"):
         checkpoint.load_checkpoint(path)
 
@@ -359,6 +360,27 @@ def test_load_from_memory_filesystem(hf_model, tmp_path):
         _assert_trees_equal(checkpoint.load_checkpoint("memory://ckpts/written_hf")[1], p)
     finally:
         fs.rm("/ckpts", recursive=True)
+
+
+def test_remote_hf_bfloat16_round_trip_cleans_up(tmp_path, monkeypatch):
+    # Remote safetensors files are read from a local copy; it must not outlive the load.
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    config = CONFIGS["hawk"]
+    params = testing.random_params(config, seed=10, dtype=ml_dtypes.bfloat16)
+    fs = fsspec.filesystem("memory")
+    try:
+        checkpoint.save_checkpoint("memory://bf16/hf", config, params, format="hf")
+        assert fs.exists("/bf16/hf/model.safetensors") and not os.listdir(scratch)
+        loaded_config, loaded = checkpoint.load_checkpoint("memory://bf16/hf")
+        assert loaded_config == config
+        _assert_trees_equal(loaded, params)
+        assert not os.listdir(scratch)
+    finally:
+        fs.rm("/bf16", recursive=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,16 +456,18 @@ def test_orbax_shape_and_key_errors(tmp_path):
 
 def test_hf_shape_and_config_errors(hf_model, tmp_path):
     config = CONFIGS["griffin"]
-    flat = checkpoint.params_to_hf(config, dict(testing.iter_leaves(testing.random_params(config))))
+    flat = hf_checkpoint.params_to_hf(
+        config, dict(testing.iter_leaves(testing.random_params(config)))
+    )
     fs = fsspec.filesystem("file")
 
     def write(name, tensors, hf_config=None):
         path = tmp_path / name
         path.mkdir()
-        checkpoint._write_safetensors(fs, str(path / "model.safetensors"), tensors)
+        hf_checkpoint.write_safetensors(fs, str(path / "model.safetensors"), tensors)
         if hf_config is not False:
             with open(path / "config.json", "w") as f:
-                json.dump(hf_config or checkpoint.hf_config_dict(config), f)
+                json.dump(hf_config or hf_checkpoint.hf_config_dict(config), f)
         return str(path)
 
     bad = dict(flat)
@@ -467,11 +491,11 @@ def test_hf_shape_and_config_errors(hf_model, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"unexpected tensor .*surprise"):
         checkpoint.load_checkpoint(write("extra", extra))
 
-    kv = {**checkpoint.hf_config_dict(config), "num_key_value_heads": 4}
+    kv = {**hf_checkpoint.hf_config_dict(config), "num_key_value_heads": 4}
     with pytest.raises(checkpoint.CheckpointError, match="num_key_value_heads=4 is not supported"):
         checkpoint.load_checkpoint(write("kv", flat, kv))
 
-    wide = {**checkpoint.hf_config_dict(config), "hidden_size": 128}
+    wide = {**hf_checkpoint.hf_config_dict(config), "hidden_size": 128}
     with pytest.raises(
         checkpoint.CheckpointError,
         match=r"width is 128 in .*config\.json but the parameters have 64",
@@ -491,6 +515,43 @@ def test_hf_shape_and_config_errors(hf_model, tmp_path):
 
     with pytest.raises(checkpoint.CheckpointError, match=r"width is 64 in the checkpoint but 2560"):
         checkpoint.load_checkpoint(hf_model["single"], preset=Preset.RECURRENTGEMMA_2B)
+
+
+def test_safetensors_file_errors(tmp_path):
+    config = CONFIGS["griffin"]
+    flat = hf_checkpoint.params_to_hf(
+        config, dict(testing.iter_leaves(testing.random_params(config)))
+    )
+    fs = fsspec.filesystem("file")
+    good = tmp_path / "good.safetensors"
+    hf_checkpoint.write_safetensors(fs, str(good), flat)
+
+    def write(name, data):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(data)
+        (tmp_path / name / "config.json").write_text(
+            json.dumps(hf_checkpoint.hf_config_dict(config))
+        )
+        return str(tmp_path / name)
+
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"cut/model\.safetensors: not a safetensors file"
+    ):
+        checkpoint.load_checkpoint(write("cut", good.read_bytes()[:-10]))  # inside the data
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"random/model\.safetensors: not a safetensors file"
+    ):
+        checkpoint.load_checkpoint(write("random", os.urandom(256)))
+
+    # Strided views are written by value, not as their underlying buffer.
+    base = np.arange(6, dtype=np.float32).reshape(2, 3)
+    hf_checkpoint.write_safetensors(fs, str(tmp_path / "t.safetensors"), {"t": base.T})
+    with safetensors.safe_open(str(tmp_path / "t.safetensors"), framework="numpy") as f:
+        np.testing.assert_array_equal(f.get_tensor("t"), base.T)
+    with pytest.raises(checkpoint.CheckpointError, match=r"bad\.safetensors: .*complex128"):
+        hf_checkpoint.write_safetensors(
+            fs, str(tmp_path / "bad.safetensors"), {"z": np.zeros(2, np.complex128)}
+        )
 
 
 # ---------------------------------------------------------------------------------------------
