@@ -278,6 +278,34 @@ def test_hf_checkpoint_matches_transformers(hf_model):
     assert diff <= LOGITS_ATOL
 
 
+def test_our_model_matches_transformers_within_window_and_past_it(hf_model):
+    """Our forward against transformers: exact within the window; past it, transformers
+    with window w equals the reference (and us) with window w - 1."""
+    import torch
+    import transformers
+
+    import model as model_pkg
+
+    config, params = checkpoint.load_checkpoint(hf_model["single"])
+    ours = model_pkg.forward_logits(config, params, hf_model["tokens"])
+    diff = _max_diff(ours, hf_model["logits"])
+    print(f"model.forward_logits vs transformers within the window: max abs diff {diff:.3g}")
+    assert diff <= LOGITS_ATOL
+
+    hf = transformers.RecurrentGemmaForCausalLM.from_pretrained(
+        hf_model["single"], dtype=torch.float32, attn_implementation="eager").eval()
+    long = np.random.default_rng(11).integers(0, config.vocab_size, (2, 3 * 16 + 5))
+    with torch.no_grad():
+        hf_long = hf(torch.from_numpy(long).long(), use_cache=False).logits.numpy()
+    shifted = config.replace(attention_window_size=config.attention_window_size - 1)
+    diff_shifted = _max_diff(model_pkg.forward_logits(shifted, params, long), hf_long)
+    diff_same = _max_diff(model_pkg.forward_logits(config, params, long), hf_long)
+    print(f"past the window: ours(w-1) vs transformers(w) {diff_shifted:.3g}, "
+          f"ours(w) vs transformers(w) {diff_same:.3g}")
+    assert diff_shifted <= LOGITS_ATOL
+    assert diff_same > LOGITS_ATOL  # the known one-key difference is real, not noise
+
+
 def test_hf_sharded_checkpoint(hf_model):
     names = os.listdir(hf_model["sharded"])
     assert checkpoint.HF_INDEX_JSON in names
