@@ -1,0 +1,8 @@
+"""Ray and hardware: accelerator detection, worker placement, fault outcomes, worker pools.
+
+This package knows Ray and devices, never model internals.
+"""
+
+from cluster import connect, faults, hardware, pool
+
+__all__ = ["connect", "faults", "hardware", "pool"]

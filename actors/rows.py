@@ -1,0 +1,281 @@
+"""Rows in, rows out: reading a shard, turning rows into requests, assembling output rows.
+
+Every input row carries its index within the shard through the engine (in the
+request id), and ``assemble`` refuses to build output unless each
+(row, sample) came back exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from actors import output, shards
+from model import requests
+
+# Optional input columns that override the job's sampling parameters per row.
+OVERRIDE_COLUMNS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "n")
+
+
+class InputChangedError(RuntimeError):
+    """The shard's rows are not what the plan recorded (file replaced or truncated)."""
+
+
+class RowAccountingError(RuntimeError):
+    """A row came back missing, duplicated or unexpected from the engine."""
+
+
+def wanted_columns(options: shards.ShardOptions) -> list[str]:
+    """Input columns a worker reads (those a file lacks are skipped)."""
+    names = [options.prompt_column, options.id_column, *options.keep_columns, *OVERRIDE_COLUMNS]
+    return list(dict.fromkeys(names))
+
+
+def read_rows(spec: shards.ShardSpec, options: shards.ShardOptions) -> pa.Table:
+    """Reads only the shard's row groups and columns.
+
+    Raises:
+      InputChangedError: The file no longer holds the planned rows or columns.
+    """
+    fs, path = fsspec.core.url_to_fs(spec.path)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = set(pf.schema_arrow.names)
+        if options.prompt_column not in names:
+            raise InputChangedError(f"{spec.path}: column {options.prompt_column!r} is gone")
+        if max(spec.row_groups, default=-1) >= pf.num_row_groups:
+            raise InputChangedError(
+                f"{spec.path}: has {pf.num_row_groups} row groups, the plan reads "
+                f"{list(spec.row_groups)}; the file changed since the job was planned"
+            )
+        columns = [c for c in wanted_columns(options) if c in names]
+        table = pf.read_row_groups(list(spec.row_groups), columns=columns)
+    table = table.slice(spec.offset, spec.num_rows)
+    if table.num_rows != spec.num_rows:
+        raise InputChangedError(
+            f"{spec.path}: read {table.num_rows} rows where the plan has {spec.num_rows}; "
+            "the file changed since the job was planned"
+        )
+    return table
+
+
+def request_id(spec: shards.ShardSpec, attempt: int, row: int) -> str:
+    """Engine request id of a row: unique per shard attempt, carries the row index."""
+    return f"{spec.shard_id}:{attempt}:{row}"
+
+
+def row_of(request_id_: str) -> int:
+    """The row index carried by a request id."""
+    return int(request_id_.rsplit(":", 1)[1])
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A shard's rows as engine work.
+
+    Attributes:
+      ids: Output id of each row.
+      requests: Valid rows, for the engine.
+      rejected: Error completions of rows rejected before the engine.
+      samples: Samples expected per row.
+    """
+
+    ids: list[str]
+    requests: list[requests.Request]
+    rejected: list[requests.Completion]
+    samples: list[int]
+
+
+def prepare(
+    table: pa.Table,
+    spec: shards.ShardSpec,
+    options: shards.ShardOptions,
+    attempt: int,
+    chat_format: Callable[[str], Any] | None = None,
+) -> Prepared:
+    """Builds one request per valid row; bad rows become error completions.
+
+    Args:
+      table: The shard's rows (see ``read_rows``).
+      spec: The shard.
+      options: Job options.
+      attempt: Attempt number (part of request ids).
+      chat_format: Wraps prompt text in the chat format (``--chat``).
+    """
+    ids = row_ids(table, spec, options.id_column)
+    prompts = table.column(options.prompt_column).to_pylist()
+    overrides = {
+        c: table.column(c).to_pylist() for c in OVERRIDE_COLUMNS if c in table.column_names
+    }
+    out = Prepared(ids=ids, requests=[], rejected=[], samples=[])
+    for row, prompt in enumerate(prompts):
+        rid = request_id(spec, attempt, row)
+        try:
+            params = row_params(options.sampling, {c: v[row] for c, v in overrides.items()})
+        except requests.RequestError as e:
+            _reject(out, rid, 1, str(e))  # n itself may be what is invalid
+            continue
+        try:
+            text = _prompt_text(prompt)
+        except requests.RequestError as e:
+            _reject(out, rid, params.n, str(e))
+            continue
+        if chat_format is not None:
+            text = chat_format(text)
+        out.samples.append(params.n)
+        out.requests.append(requests.Request(request_id=rid, prompt=text, params=params))
+    return out
+
+
+def _reject(out: Prepared, rid: str, n: int, message: str) -> None:
+    out.samples.append(n)
+    out.rejected.extend(
+        requests.Completion(request_id=rid, sample_index=i, finish_reason="error", error=message)
+        for i in range(n)
+    )
+
+
+def row_ids(table: pa.Table, spec: shards.ShardSpec, id_column: str) -> list[str]:
+    """Each row's id: the id column's value, else ``<file_key>#<row index in file>``."""
+    fallback = [f"{spec.file_key}#{spec.first_row + i}" for i in range(table.num_rows)]
+    if id_column not in table.column_names:
+        return fallback
+    values = table.column(id_column).to_pylist()
+    return [fb if v is None else _id_text(v) for v, fb in zip(values, fallback, strict=True)]
+
+
+def _id_text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def _prompt_text(prompt: Any) -> str:
+    if prompt is None:
+        raise requests.RequestError("prompt is null")
+    if not isinstance(prompt, str):
+        raise requests.RequestError(f"prompt must be text, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise requests.RequestError("prompt is empty")
+    return prompt
+
+
+def row_params(
+    defaults: requests.SamplingParams, overrides: Mapping[str, Any]
+) -> requests.SamplingParams:
+    """``defaults`` with the row's non-null override columns applied, validated.
+
+    Raises:
+      RequestError: An override has the wrong type or an invalid value (named).
+    """
+    changes = {}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        changes[name] = _coerce(name, value)
+    params = dataclasses.replace(defaults, **changes)
+    params.validate()
+    return params
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name == "stop":
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, Iterable) and all(isinstance(s, str) for s in value):
+            return tuple(value)
+        raise requests.RequestError(f"stop must be a string or a list of strings, got {value!r}")
+    if name == "temperature" or name == "top_p":
+        return _as_float(name, value)
+    return _as_int(name, value)
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise requests.RequestError(f"{name} must be an integer, got {value!r}")
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise requests.RequestError(f"{name} must be a number, got {value!r}")
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise requests.RequestError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(result):
+        raise requests.RequestError(f"{name} must be a finite number, got {value!r}")
+    return result
+
+
+def assemble(
+    prepared: Prepared,
+    completions: Iterable[requests.Completion],
+    table: pa.Table,
+    options: shards.ShardOptions,
+) -> pa.Table:
+    """Output rows in input order (then sample order), checking each came back exactly once.
+
+    Raises:
+      RowAccountingError: A (row, sample) is missing, duplicated or unexpected.
+    """
+    got: dict[tuple[int, int], requests.Completion] = {}
+    for c in completions:
+        row = row_of(c.request_id)
+        key = (row, c.sample_index)
+        if not (0 <= row < len(prepared.samples) and 0 <= c.sample_index < prepared.samples[row]):
+            raise RowAccountingError(
+                f"unexpected completion {c.request_id!r} sample {c.sample_index}"
+            )
+        if key in got:
+            raise RowAccountingError(f"row {row} sample {c.sample_index} came back twice")
+        got[key] = c
+    order = [(r, i) for r, n in enumerate(prepared.samples) for i in range(n)]
+    missing = [k for k in order if k not in got]
+    if missing:
+        raise RowAccountingError(
+            f"{len(missing)} (row, sample) pairs never came back, e.g. {missing[:5]}"
+        )
+    done = [got[k] for k in order]
+    return _table(prepared, done, [r for r, _ in order], table, options)
+
+
+def _table(
+    prepared: Prepared,
+    done: Sequence[requests.Completion],
+    rows: list[int],
+    table: pa.Table,
+    options: shards.ShardOptions,
+) -> pa.Table:
+    kept = [table.schema.field(c) for c in options.keep_columns if c in table.column_names]
+    schema = output.output_schema(options.with_sample_index, kept)
+    columns: dict[str, Any] = {
+        "id": [prepared.ids[r] for r in rows],
+        "completion": [c.text if c.finish_reason != "error" else "" for c in done],
+        "completion_tokens": [list(c.tokens) for c in done],
+        "finish_reason": [c.finish_reason for c in done],
+        "num_prompt_tokens": [int(c.num_prompt_tokens) for c in done],
+        "num_completion_tokens": [len(c.tokens) for c in done],
+        "error": [
+            (c.error or "unknown error") if c.finish_reason == "error" else None for c in done
+        ],
+    }
+    if options.with_sample_index:
+        columns["sample_index"] = [c.sample_index for c in done]
+    arrays = [pa.array(columns[f.name], f.type) for f in schema if f.name in columns]
+    indices = pa.array(rows, pa.int64())
+    arrays += [table.column(f.name).take(indices) for f in kept]
+    return pa.Table.from_arrays(arrays, schema=schema)

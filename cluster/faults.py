@@ -1,0 +1,161 @@
+"""Named outcomes of remote work, the one function that classifies Ray errors, retry budgets.
+
+Every remote call the driver makes ends in one of three outcomes:
+
+* ``Success``: the value came back.
+* ``Preempted``: the worker is gone or unusable (process killed, node lost,
+  device dead). The work itself is fine: run it elsewhere and replace the
+  worker. Budgeted separately because preemptible fleets lose hosts often.
+* ``Failed``: the work raised on a healthy worker (e.g. an input file changed
+  under it). Retrying helps only for transient causes, so its budget is small.
+
+Every timeout the cluster code uses is a named constant here.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from collections.abc import Hashable
+from typing import Any
+
+import ray
+import ray.exceptions as rex
+
+# Timeouts and intervals (seconds). ---------------------------------------
+WORKER_START_TIMEOUT_S = 1800.0
+"""A worker must load its checkpoint and become ready within this (large
+checkpoints from cloud storage onto a TPU host take minutes)."""
+
+POLL_INTERVAL_S = 0.5
+"""How long the driver waits for any result before refreshing progress."""
+
+KILL_GRACE_S = 5.0
+"""How long shutdown waits for killed workers to go away."""
+
+CONNECT_TIMEOUT_S = 10.0
+"""How long the driver waits for a Ray cluster's address to accept a connection."""
+
+# Retry budgets (attempts beyond the first). -----------------------------
+DEFAULT_MAX_PREEMPTIONS = 6
+DEFAULT_MAX_FAILURES = 2
+
+
+class WorkerLost(RuntimeError):
+    """Raised by a worker whose host can no longer serve (e.g. a dead device).
+
+    The driver treats it like a killed process: the work is re-queued without
+    charging the failure budget, and the worker is replaced.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class Success:
+    """The call returned ``value``."""
+
+    value: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Preempted:
+    """The worker died or cannot serve; ``message`` says how."""
+
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    """The work raised on a live worker; ``message`` is the error."""
+
+    message: str
+
+
+Outcome = Success | Preempted | Failed
+
+# Errors that mean "the process or node running the call is gone".
+_PREEMPTION_ERRORS: tuple[type[BaseException], ...] = (
+    rex.RayActorError,  # ActorDiedError, ActorUnavailableError
+    rex.WorkerCrashedError,
+    rex.NodeDiedError,
+    rex.LocalRayletDiedError,
+    rex.OwnerDiedError,
+    rex.ObjectLostError,
+    rex.OutOfMemoryError,  # Ray's memory monitor killed the worker
+    WorkerLost,
+)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def describe(error: BaseException) -> str:
+    """One line naming what went wrong, with the remote cause where Ray carries one."""
+    text = _ANSI.sub("", str(error)).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(error).__name__
+    # A remote traceback (task error, failed actor constructor) ends with its cause.
+    if len(lines) > 1 and (
+        isinstance(error, rex.RayTaskError) or getattr(error, "_actor_init_failed", False)
+    ):
+        return lines[-1][:500]
+    return f"{type(error).__name__}: {lines[0]}"[:500]
+
+
+def classify(error: BaseException) -> Preempted | Failed:
+    """Names the outcome of a remote call that raised ``error``.
+
+    Ray re-raises an application exception as a ``RayTaskError`` that is also
+    an instance of the original class, so ``WorkerLost`` raised inside an actor
+    is recognised here.
+    """
+    if isinstance(error, _PREEMPTION_ERRORS):
+        return Preempted(describe(error))
+    return Failed(describe(error))
+
+
+def resolve(ref: ray.ObjectRef) -> Outcome:
+    """Waits for ``ref`` (already known to be ready) and names its outcome."""
+    try:
+        return Success(ray.get(ref))
+    except Exception as error:  # noqa: BLE001 - every remote error becomes an outcome
+        return classify(error)
+
+
+class RetryBudget:
+    """Separate per-key budgets for preemptions and for failures.
+
+    Args:
+      max_preemptions: Re-runs allowed after ``Preempted`` outcomes, per key.
+      max_failures: Re-runs allowed after ``Failed`` outcomes, per key.
+    """
+
+    def __init__(
+        self,
+        max_preemptions: int = DEFAULT_MAX_PREEMPTIONS,
+        max_failures: int = DEFAULT_MAX_FAILURES,
+    ):
+        if max_preemptions < 0 or max_failures < 0:
+            raise ValueError("retry budgets must be >= 0")
+        self.max_preemptions = max_preemptions
+        self.max_failures = max_failures
+        self._preempted: collections.Counter = collections.Counter()
+        self._failed: collections.Counter = collections.Counter()
+
+    def charge(self, key: Hashable, outcome: Preempted | Failed) -> bool:
+        """Records ``outcome`` for ``key``; returns whether another attempt is allowed."""
+        if isinstance(outcome, Preempted):
+            self._preempted[key] += 1
+            return self._preempted[key] <= self.max_preemptions
+        self._failed[key] += 1
+        return self._failed[key] <= self.max_failures
+
+    def attempts(self, key: Hashable) -> int:
+        """Attempts made so far for ``key`` that did not succeed."""
+        return self._preempted[key] + self._failed[key]
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Retries charged over all keys, by outcome."""
+        return {"preempted": sum(self._preempted.values()), "failed": sum(self._failed.values())}

@@ -1,0 +1,184 @@
+"""A pool of long-lived worker actors: start, watch readiness, replace the lost.
+
+The pool is generic: it starts ``actor_cls(*init_args)`` with the placement of
+a ``hardware.WorkerSpec`` and a ``ready()`` method it calls to learn when a
+worker has loaded. Scheduling work onto ready workers is the caller's job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import ray
+
+from cluster import faults, hardware
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class Worker:
+    """One actor of the pool.
+
+    Attributes:
+      index: Position in start order (replacements get new indices).
+      name: Ray actor name, unique per job.
+      handle: Actor handle.
+      ready_ref: Result of ``ready()``; resolved once the worker has loaded.
+      started_at: Monotonic time the actor was requested.
+      info: What ``ready()`` returned (host, devices, ...), None until ready.
+      ready_at: Monotonic time it became ready.
+      lost: Why it was removed, None while in service.
+    """
+
+    index: int
+    name: str
+    handle: Any
+    ready_ref: ray.ObjectRef
+    started_at: float
+    info: Mapping[str, Any] | None = None
+    ready_at: float | None = None
+    lost: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.info is not None and self.lost is None
+
+
+class WorkerPool:
+    """Starts ``size`` workers and keeps the pool at that size while budget lasts.
+
+    Args:
+      actor_cls: Plain class to run as an actor; must have ``ready()``.
+      init_args: Constructor arguments.
+      spec: Placement (resources) of one worker.
+      size: Workers to keep in service.
+      env_vars: Environment variables for the actors (``runtime_env``).
+      max_concurrency: Concurrent calls per actor (in-flight work + control calls).
+      max_replacements: Lost workers replaced over the pool's life.
+      start_timeout_s: A worker not ready after this is dropped.
+      name_prefix: Prefix of actor names (``<prefix>-<index>``).
+      clock: Monotonic clock (seconds).
+    """
+
+    def __init__(
+        self,
+        actor_cls: type,
+        init_args: Sequence[Any],
+        spec: hardware.WorkerSpec,
+        *,
+        size: int,
+        env_vars: Mapping[str, str] | None = None,
+        max_concurrency: int = 4,
+        max_replacements: int | None = None,
+        start_timeout_s: float = faults.WORKER_START_TIMEOUT_S,
+        name_prefix: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if size < 1:
+            raise ValueError(f"pool size must be >= 1, got {size}")
+        options = dict(
+            spec.ray_options(), max_concurrency=max_concurrency, max_restarts=0, max_task_retries=0
+        )
+        if env_vars:
+            options["runtime_env"] = {"env_vars": dict(env_vars)}
+        self._remote = ray.remote(actor_cls)
+        self._options = options
+        self._init_args = tuple(init_args)
+        self.size = size
+        self.max_replacements = 2 * size if max_replacements is None else max_replacements
+        self.start_timeout_s = start_timeout_s
+        self.name_prefix = name_prefix or f"griffin-worker-{uuid.uuid4().hex[:8]}"
+        self._clock = clock
+        self.workers: list[Worker] = []
+        self.replaced = 0
+        self.last_error: str | None = None
+
+    # Lifecycle --------------------------------------------------------------
+    def start(self) -> None:
+        """Requests the initial workers (returns at once; see ``on_ready``)."""
+        for _ in range(self.size):
+            self._spawn()
+
+    def _spawn(self) -> Worker:
+        index = len(self.workers)
+        name = f"{self.name_prefix}-{index}"
+        handle = self._remote.options(name=name, **self._options).remote(*self._init_args)
+        worker = Worker(
+            index=index,
+            name=name,
+            handle=handle,
+            ready_ref=handle.ready.remote(),
+            started_at=self._clock(),
+        )
+        self.workers.append(worker)
+        return worker
+
+    def lose(self, worker: Worker, reason: str) -> Worker | None:
+        """Removes ``worker`` (killing its process) and starts a replacement if budget allows.
+
+        Returns:
+          The replacement, or None.
+        """
+        if worker.lost is not None:
+            return None
+        worker.lost = reason
+        self.last_error = reason
+        log.warning("worker %s lost: %s", worker.name, reason)
+        with contextlib.suppress(Exception):  # already gone is fine
+            ray.kill(worker.handle, no_restart=True)
+        if self.replaced >= self.max_replacements:
+            return None
+        self.replaced += 1
+        return self._spawn()
+
+    def shutdown(self) -> None:
+        """Kills every worker still in service or starting."""
+        for w in self.workers:
+            if w.lost is None:
+                w.lost = "shut down"
+                with contextlib.suppress(Exception):
+                    ray.kill(w.handle, no_restart=True)
+
+    # Readiness --------------------------------------------------------------
+    def starting(self) -> dict[ray.ObjectRef, Worker]:
+        """Workers still loading, by their ``ready()`` reference."""
+        return {w.ready_ref: w for w in self.workers if w.info is None and w.lost is None}
+
+    def on_ready(self, worker: Worker) -> faults.Outcome:
+        """Resolves a finished ``ready()``: marks the worker ready or replaces it."""
+        outcome = faults.resolve(worker.ready_ref)
+        if isinstance(outcome, faults.Success):
+            worker.info, worker.ready_at = dict(outcome.value), self._clock()
+        else:
+            self.lose(worker, f"failed to start: {outcome.message}")
+        return outcome
+
+    def expire_starting(self) -> list[Worker]:
+        """Drops workers that have not become ready within the start timeout."""
+        now, expired = self._clock(), []
+        for w in list(self.starting().values()):
+            if now - w.started_at > self.start_timeout_s:
+                expired.append(w)
+                self.lose(
+                    w,
+                    f"not ready after {self.start_timeout_s:.0f}s "
+                    "(no room in the cluster, or loading hangs)",
+                )
+        return expired
+
+    @property
+    def in_service(self) -> list[Worker]:
+        """Ready workers."""
+        return [w for w in self.workers if w.ready]
+
+    @property
+    def exhausted(self) -> bool:
+        """No worker is ready or starting, and none will be started."""
+        return not any(w.lost is None for w in self.workers)

@@ -1,0 +1,269 @@
+"""The job's configuration: one frozen value grouped by concern (io, model, sampling, cluster, resume).
+
+Field names follow the command-line options (``--max-tokens`` is
+``sampling.max_tokens``); ``JobConfig.validate`` reports a bad value by its option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from actors import output
+from cluster import faults, hardware
+from model import requests
+
+
+class JobInputError(ValueError):
+    """Bad job input (options, input files, output location), reported before any worker starts."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IOConfig:
+    """Where prompts come from and results go."""
+
+    inputs: tuple[str, ...] = ()
+    """Parquet files, directories of them, or globs; any fsspec URL (local, gs://, s3://, memory://)."""
+
+    output: str = ""
+    """Output directory URL; receives ``part-<shard>.parquet`` files, the manifest and the summary."""
+
+    prompt_column: str = "prompt"
+    """Input column holding the prompt text."""
+
+    id_column: str = "id"
+    """Input column holding row ids; files without it get ``<file name>#<row index>``."""
+
+    keep_columns: tuple[str, ...] = ()
+    """Input columns copied to the output unchanged."""
+
+    shard_rows: int = 1024
+    """Most rows per shard (one output file each; the unit of retry and resume)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """What every worker loads and how it sizes its engine."""
+
+    checkpoint: str | None = None
+    """Checkpoint path or URL; None runs the bundled demo model."""
+
+    tokenizer: str | None = None
+    """SentencePiece model path or URL; required with ``checkpoint``."""
+
+    preset: str | None = None
+    """Config preset for checkpoints that carry no config (e.g. ``recurrentgemma-2b``)."""
+
+    dtype: str | None = None
+    """Parameter and compute dtype (``bfloat16``, ``float32``); None keeps the stored one."""
+
+    chat: bool = False
+    """Wrap each prompt in the instruction-tuned chat format."""
+
+    slots: int = 32
+    """Sequences each worker decodes together (continuous batching width)."""
+
+    decode_steps: int = 32
+    """Decode steps per device call."""
+
+    chunk_size: int = 256
+    """Prefill chunk length in tokens."""
+
+    max_prompt_tokens: int = 131_072
+    """Longer prompts become error rows."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """Job-wide sampling parameters; input columns of the same names override them per row."""
+
+    max_tokens: int = 256
+    """Most tokens generated per sample."""
+
+    temperature: float = 0.0
+    """0 is greedy."""
+
+    top_k: int | None = None
+    """Keep the k most likely tokens (None: all)."""
+
+    top_p: float | None = None
+    """Nucleus mass in (0, 1] (None: 1)."""
+
+    seed: int = 0
+    """Seed of each row's random stream (streams never depend on batch mates)."""
+
+    stop: tuple[str, ...] = ()
+    """Strings that end a completion (cut before the string)."""
+
+    n: int = 1
+    """Samples per row; above 1 the output gains a ``sample_index`` column."""
+
+    def params(self) -> requests.SamplingParams:
+        """As the engine's ``SamplingParams``."""
+        return requests.SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=tuple(self.stop),
+            n=self.n,
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """Where workers run and how faults are absorbed."""
+
+    address: str | None = None
+    """Ray cluster address; None joins a reachable cluster or starts a local one; ``local`` always starts one."""
+
+    workers: int | None = None
+    """Exact worker count (exclusive with min/max_workers)."""
+
+    min_workers: int | None = None
+    """Fail before starting when the cluster cannot hold this many workers."""
+
+    max_workers: int | None = None
+    """Use at most this many workers (default: one per accelerator host)."""
+
+    accelerator: str = "auto"
+    """``auto``, ``tpu``, ``gpu`` or ``cpu``."""
+
+    gpus_per_worker: float = 1.0
+    """GPUs per GPU worker (1: one worker per GPU; the host's count: one per host)."""
+
+    cpus_per_worker: float = 1.0
+    """CPUs a CPU worker reserves."""
+
+    max_in_flight: int = 2
+    """Shards queued on one worker at once; 2 keeps the engine fed across shard boundaries."""
+
+    max_preemptions: int = faults.DEFAULT_MAX_PREEMPTIONS
+    """Re-runs of a shard whose worker died."""
+
+    max_failures: int = faults.DEFAULT_MAX_FAILURES
+    """Re-runs of a shard that raised on a live worker."""
+
+    start_timeout_s: float = faults.WORKER_START_TIMEOUT_S
+    """A worker that has not loaded by then is dropped."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ResumeConfig:
+    """What to do with an existing output directory."""
+
+    resume: bool = False
+    """Continue the job recorded there: committed shards are kept, the rest redone."""
+
+    overwrite: bool = False
+    """Delete what is there and start over."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobConfig:
+    """A whole batch-generation job."""
+
+    io: IOConfig
+    """Inputs and output."""
+
+    model: ModelConfig = ModelConfig()
+    """Checkpoint, tokenizer and engine sizing."""
+
+    sampling: SamplingConfig = SamplingConfig()
+    """Default sampling parameters."""
+
+    cluster: ClusterConfig = ClusterConfig()
+    """Workers and fault budgets."""
+
+    resume: ResumeConfig = ResumeConfig()
+    """Resume or overwrite."""
+
+    def validate(self) -> None:
+        """Raises ``JobInputError`` naming the first inconsistent option."""
+        _validate_io(self.io)
+        _validate_model(self.model)
+        _validate_cluster(self.cluster)
+        try:
+            self.sampling.params().validate()
+        except requests.RequestError as e:
+            raise JobInputError(f"invalid sampling option: {e}") from None
+        if self.resume.resume and self.resume.overwrite:
+            raise JobInputError("--resume and --overwrite exclude each other")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The options that decide output contents; a resumed job must keep them."""
+        io, m = self.io, self.model
+        return {
+            "prompt_column": io.prompt_column,
+            "id_column": io.id_column,
+            "keep_columns": list(io.keep_columns),
+            "shard_rows": io.shard_rows,
+            "checkpoint": m.checkpoint or "<demo>",
+            "tokenizer": m.tokenizer or "<demo>",
+            "preset": m.preset,
+            "dtype": m.dtype,
+            "chat": m.chat,
+            "max_prompt_tokens": m.max_prompt_tokens,
+            "sampling": {**dataclasses.asdict(self.sampling), "stop": list(self.sampling.stop)},
+        }
+
+
+def _positive(value: Any, option: str) -> None:
+    if value is not None and value <= 0:
+        raise JobInputError(f"{option} must be positive, got {value}")
+
+
+def _validate_io(io: IOConfig) -> None:
+    if not io.inputs:
+        raise JobInputError("--input is required (Parquet files, directories or globs)")
+    if not io.output:
+        raise JobInputError("--output is required")
+    _positive(io.shard_rows, "--shard-rows")
+    if not io.prompt_column:
+        raise JobInputError("--prompt-column must not be empty")
+    clash = sorted(set(io.keep_columns) & output.RESERVED_COLUMNS)
+    if clash:
+        raise JobInputError(
+            f"--keep-columns {clash} collide with output columns {sorted(output.RESERVED_COLUMNS)}"
+        )
+    if len(set(io.keep_columns)) != len(io.keep_columns):
+        raise JobInputError(f"--keep-columns lists a column twice: {list(io.keep_columns)}")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    if m.checkpoint and not m.tokenizer:
+        raise JobInputError("--checkpoint needs --tokenizer (the SentencePiece model to use)")
+    if m.tokenizer and not m.checkpoint:
+        raise JobInputError("--tokenizer needs --checkpoint (without both, the demo model runs)")
+    for option, value in (
+        ("--slots", m.slots),
+        ("--decode-steps", m.decode_steps),
+        ("--chunk-size", m.chunk_size),
+        ("--max-prompt-tokens", m.max_prompt_tokens),
+    ):
+        _positive(value, option)
+
+
+def _validate_cluster(c: ClusterConfig) -> None:
+    try:
+        hardware.Accelerator.parse(c.accelerator)
+    except ValueError as e:
+        raise JobInputError(f"--accelerator: {e}") from None
+    for option, value in (
+        ("--workers", c.workers),
+        ("--min-workers", c.min_workers),
+        ("--max-workers", c.max_workers),
+        ("--max-in-flight", c.max_in_flight),
+        ("--gpus-per-worker", c.gpus_per_worker),
+        ("--cpus-per-worker", c.cpus_per_worker),
+    ):
+        _positive(value, option)
+    if c.workers is not None and (c.min_workers is not None or c.max_workers is not None):
+        raise JobInputError("--workers excludes --min-workers/--max-workers")
+    if c.min_workers is not None and c.max_workers is not None and c.min_workers > c.max_workers:
+        raise JobInputError(
+            f"--min-workers ({c.min_workers}) is larger than --max-workers ({c.max_workers})"
+        )
+    if c.max_preemptions < 0 or c.max_failures < 0:
+        raise JobInputError("retry budgets must be >= 0")

@@ -1,0 +1,310 @@
+"""The job driver: validate, plan, prepare the output, run workers, summarise.
+
+Each step is a named function; ``run`` strings them together. Everything that
+can be wrong with the job's input (options, files, columns, output location,
+cluster too small) is found before the first worker starts. The driver holds
+only metadata: workers read their own rows and write their own files.
+
+Run the driver on a node that is not preempted (a TPU/GPU cluster's head
+node): it holds the manifest's only writer, and losing it costs a ``--resume``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import fsspec
+
+from actors import shards, worker
+from cluster import connect, faults, hardware, pool
+from jobs import config as config_lib
+from jobs import manifest, planner, progress, scheduler
+
+Say = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class JobResult:
+    """What a finished run reports.
+
+    Attributes:
+      output: Output directory URL.
+      summary: Contents of ``summary.json``.
+      succeeded: Every shard is committed.
+    """
+
+    output: str
+    summary: Mapping[str, Any]
+    succeeded: bool
+
+
+def run(config: config_lib.JobConfig, *, say: Say = print) -> JobResult:
+    """Runs a whole job.
+
+    Args:
+      config: The job.
+      say: Where one-line status messages go.
+
+    Returns:
+      The result; ``succeeded`` is False when some shard ran out of retries.
+
+    Raises:
+      JobInputError: Bad input, found before any worker starts.
+      ConnectionError: No Ray cluster answers at ``config.cluster.address``.
+    """
+    start = time.monotonic()
+    config.validate()
+    model_spec = resolve_model(config.model, say)
+    plan = planner.plan(config.io, config.sampling)
+    say(
+        f"planned {len(plan.shards)} shard(s) over {plan.total_rows} row(s) "
+        f"in {len(plan.files)} file(s)"
+    )
+    out = manifest.OutputDir(config.io.output)
+    committed = out.prepare(
+        plan, config.fingerprint(), resume=config.resume.resume, overwrite=config.resume.overwrite
+    )
+    todo = [s for s in plan.shards if s.shard_id not in committed]
+    if committed:
+        say(
+            f"resuming: {len(committed)} of {len(plan.shards)} shard(s) already committed, "
+            f"{len(todo)} to do"
+        )
+    run_state = _RunState(committed_before=dict(committed))
+    if todo:
+        _generate(config, model_spec, plan, out, todo, run_state, say)
+    summary = build_summary(config, plan, run_state, time.monotonic() - start)
+    succeeded = not run_state.report.failed
+    out.write_summary(summary, success=succeeded)
+    return JobResult(output=out.url, summary=summary, succeeded=succeeded)
+
+
+@dataclasses.dataclass
+class _RunState:
+    committed_before: dict[str, shards.ShardResult]
+    committed_now: dict[str, shards.ShardResult] = dataclasses.field(default_factory=dict)
+    report: scheduler.Report = dataclasses.field(
+        default_factory=lambda: scheduler.Report(failed={}, stats={}, retries={})
+    )
+    workers: list[pool.Worker] = dataclasses.field(default_factory=list)
+    generation_s: float = 0.0
+    startup_s: float | None = None
+    cluster: str = ""
+
+
+def resolve_model(m: config_lib.ModelConfig, say: Say) -> worker.ModelSpec:
+    """The worker's model spec; checks that given checkpoint and tokenizer paths exist.
+
+    With no checkpoint the bundled demo model runs (workers resolve its files).
+    """
+    if m.checkpoint is None:
+        say("no --checkpoint given: running the bundled demo model and tokenizer")
+    else:
+        for option, url in (("--checkpoint", m.checkpoint), ("--tokenizer", m.tokenizer)):
+            try:
+                fs, path = fsspec.core.url_to_fs(url)
+                found = fs.exists(path)
+            except (OSError, ValueError, ImportError) as e:
+                raise config_lib.JobInputError(f"{option} {url}: {e}") from None
+            if not found:
+                raise config_lib.JobInputError(f"{option} {url} does not exist")
+    return worker.ModelSpec(
+        checkpoint=m.checkpoint,
+        tokenizer=m.tokenizer,
+        preset=m.preset,
+        dtype=m.dtype,
+        num_slots=m.slots,
+        decode_steps=m.decode_steps,
+        chunk_size=m.chunk_size,
+        max_prompt_tokens=m.max_prompt_tokens,
+    )
+
+
+def worker_count(spec: hardware.WorkerSpec, c: config_lib.ClusterConfig, shards_todo: int) -> int:
+    """How many workers to start.
+
+    Raises:
+      JobInputError: The cluster cannot hold one worker, ``--workers`` or ``--min-workers``.
+    """
+    room = (
+        f"the cluster has room for {spec.capacity} {spec.accelerator.value} worker(s) "
+        f"({spec.description})"
+    )
+    if spec.capacity < 1:
+        raise config_lib.JobInputError(f"{room}; check --accelerator and the cluster's nodes")
+    if c.workers is not None:
+        if c.workers > spec.capacity:
+            raise config_lib.JobInputError(f"--workers {c.workers}: {room}")
+        count = c.workers
+    else:
+        if c.min_workers is not None and c.min_workers > spec.capacity:
+            raise config_lib.JobInputError(f"--min-workers {c.min_workers}: {room}")
+        count = spec.default_workers()
+        if c.max_workers is not None:
+            count = min(count, c.max_workers)
+        count = max(count, c.min_workers or 1)
+    return max(1, min(count, shards_todo))
+
+
+def shard_options(
+    config: config_lib.JobConfig, plan: planner.JobPlan, out: manifest.OutputDir
+) -> shards.ShardOptions:
+    """The options every shard of this job runs with."""
+    return shards.ShardOptions(
+        prompt_column=config.io.prompt_column,
+        id_column=config.io.id_column,
+        keep_columns=config.io.keep_columns,
+        chat=config.model.chat,
+        sampling=config.sampling.params(),
+        with_sample_index=plan.with_sample_index,
+        output_dir=out.url,
+        commit_on_driver=out.process_local,
+    )
+
+
+def _start_pool(
+    config: config_lib.JobConfig, model_spec: worker.ModelSpec, todo: int, say: Say
+) -> pool.WorkerPool:
+    c = config.cluster
+    spec = hardware.worker_spec(
+        connect.nodes(),
+        c.accelerator,
+        gpus_per_worker=c.gpus_per_worker,
+        cpus_per_worker=c.cpus_per_worker,
+    )
+    size = worker_count(spec, c, todo)
+    say(f"starting {size} {spec.accelerator.value} worker(s), {spec.description}")
+    workers = pool.WorkerPool(
+        worker.GenerationWorker,
+        (model_spec,),
+        spec,
+        size=size,
+        env_vars=connect.forwarded_env(),
+        max_concurrency=c.max_in_flight + 2,
+        start_timeout_s=c.start_timeout_s,
+    )
+    workers.start()
+    return workers
+
+
+def _generate(
+    config: config_lib.JobConfig,
+    model_spec: worker.ModelSpec,
+    plan: planner.JobPlan,
+    out: manifest.OutputDir,
+    todo: list[shards.ShardSpec],
+    state: _RunState,
+    say: Say,
+) -> None:
+    connection = connect.connect(config.cluster.address)
+    state.cluster = connection.address
+    say(connection.describe())
+    try:
+        workers = _start_pool(config, model_spec, len(todo), say)
+        state.workers = workers.workers
+        options = shard_options(config, plan, out)
+        done_rows = sum(r.rows for r in state.committed_before.values())
+        bar = progress.Progress(plan.total_rows, done_rows)
+        started = time.monotonic()
+
+        def submit(w: pool.Worker, shard: shards.ShardSpec, attempt: int):
+            return w.handle.process_shard.remote(
+                shard, options, attempt, planner.read_inline(shard, options)
+            )
+
+        def on_commit(result: shards.ShardResult) -> None:
+            out.commit(result)
+            state.committed_now[result.shard_id] = dataclasses.replace(result, payload=None)
+            bar.advance(result.rows, result.completion_tokens)
+
+        def on_tick() -> None:
+            if state.startup_s is None and any(w.ready for w in workers.workers):
+                state.startup_s = time.monotonic() - started
+            bar.refresh()
+
+        budget = faults.RetryBudget(config.cluster.max_preemptions, config.cluster.max_failures)
+        loop = scheduler.Scheduler(
+            workers,
+            submit,
+            on_commit,
+            budget,
+            max_in_flight=config.cluster.max_in_flight,
+            on_tick=on_tick,
+        )
+        try:
+            state.report = loop.run(todo)
+        finally:
+            workers.shutdown()
+            bar.close()
+        state.generation_s = time.monotonic() - started
+    finally:
+        connect.disconnect(connection)
+
+
+def build_summary(
+    config: config_lib.JobConfig, plan: planner.JobPlan, state: _RunState, wall_s: float
+) -> dict[str, Any]:
+    """The contents of ``summary.json``."""
+    records = {**state.committed_before, **state.committed_now}
+    total = {
+        k: sum(getattr(r, k) for r in records.values())
+        for k in ("rows", "samples", "error_rows", "prompt_tokens", "completion_tokens")
+    }
+    new_tokens = sum(r.completion_tokens for r in state.committed_now.values())
+    by_id = {s.shard_id: s for s in plan.shards}
+    failures = [
+        {
+            "shard_id": sid,
+            "path": by_id[sid].path,
+            "first_row": by_id[sid].first_row,
+            "num_rows": by_id[sid].num_rows,
+            "error": msg,
+        }
+        for sid, msg in sorted(state.report.failed.items())
+    ]
+    return {
+        "status": "failed" if failures else "succeeded",
+        "output": config.io.output,
+        **total,
+        "input_rows": plan.total_rows,
+        "tokens_per_s": round(new_tokens / state.generation_s, 2) if state.generation_s else 0.0,
+        "wall_time_s": round(wall_s, 3),
+        "generation_s": round(state.generation_s, 3),
+        "startup_s": None if state.startup_s is None else round(state.startup_s, 3),
+        "shards": {
+            "total": len(plan.shards),
+            "committed": len(records),
+            "resumed": len(state.committed_before),
+            "run": len(state.committed_now),
+            "failed": len(failures),
+        },
+        "failures": failures,
+        "retries": dict(state.report.retries),
+        "workers": _worker_figures(state),
+        "cluster": state.cluster,
+    }
+
+
+def _worker_figures(state: _RunState) -> list[dict[str, Any]]:
+    figures = []
+    for w in state.workers:
+        stats = state.report.stats.get(w.name, scheduler.WorkerStats())
+        busy = stats.busy_s()
+        figures.append(
+            {
+                "name": w.name,
+                "ready": w.info is not None,
+                **{k: v for k, v in (w.info or {}).items() if k != "name"},
+                "shards": stats.shards,
+                "rows": stats.rows,
+                "samples": stats.samples,
+                "completion_tokens": stats.completion_tokens,
+                "busy_s": round(busy, 3),
+                "tokens_per_s": round(stats.completion_tokens / busy, 2) if busy else 0.0,
+                "lost": w.lost if w.lost != "shut down" else None,
+            }
+        )
+    return figures

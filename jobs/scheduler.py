@@ -1,0 +1,189 @@
+"""The driver's dispatch loop: pull-based shard scheduling with bounded retries.
+
+Each ready worker holds at most ``max_in_flight`` shards; when one finishes,
+the worker gets the next queued shard, so fast and slow hosts balance
+themselves. Outcomes follow ``cluster.faults``: a preempted shard goes back to
+the front of the queue and its worker is replaced; a failed shard is retried
+within its budget; a shard out of budget is reported and the rest go on.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import ray
+
+from actors import shards
+from cluster import faults, pool
+
+log = logging.getLogger(__name__)
+
+Submit = Callable[[pool.Worker, shards.ShardSpec, int], ray.ObjectRef]
+OnCommit = Callable[[shards.ShardResult], None]
+
+
+@dataclasses.dataclass
+class WorkerStats:
+    """What one worker did in this run."""
+
+    shards: int = 0
+    rows: int = 0
+    samples: int = 0
+    completion_tokens: int = 0
+    first_dispatch: float | None = None
+    last_result: float | None = None
+
+    def busy_s(self) -> float:
+        if self.first_dispatch is None or self.last_result is None:
+            return 0.0
+        return self.last_result - self.first_dispatch
+
+
+@dataclasses.dataclass
+class Report:
+    """The loop's outcome.
+
+    Attributes:
+      failed: Shards out of retries, with their last error.
+      stats: Per worker name.
+      retries: Retries charged, by outcome.
+    """
+
+    failed: dict[str, str]
+    stats: dict[str, WorkerStats]
+    retries: dict[str, int]
+
+
+@dataclasses.dataclass
+class _Attempt:
+    shard: shards.ShardSpec
+    worker: pool.Worker
+    number: int
+
+
+class Scheduler:
+    """Runs shards on a worker pool until each is committed or out of retries.
+
+    Args:
+      workers: The pool (started by the caller).
+      submit: Starts one shard attempt on a worker; returns its result reference.
+      on_commit: Records a successful result (called on the driver, in order of arrival).
+      budget: Retry budgets per shard.
+      max_in_flight: Shards queued per worker.
+      on_tick: Called every loop iteration (progress display).
+    """
+
+    def __init__(
+        self,
+        workers: pool.WorkerPool,
+        submit: Submit,
+        on_commit: OnCommit,
+        budget: faults.RetryBudget,
+        *,
+        max_in_flight: int = 2,
+        on_tick: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.workers = workers
+        self._submit = submit
+        self._on_commit = on_commit
+        self.budget = budget
+        self.max_in_flight = max_in_flight
+        self._on_tick = on_tick
+        self._clock = clock
+        self._queue: collections.deque[shards.ShardSpec] = collections.deque()
+        self._in_flight: dict[ray.ObjectRef, _Attempt] = {}
+        self._attempts: collections.Counter = collections.Counter()
+        self._failed: dict[str, str] = {}
+        self._stats: dict[str, WorkerStats] = collections.defaultdict(WorkerStats)
+
+    def run(self, todo: Sequence[shards.ShardSpec]) -> Report:
+        """Processes ``todo``; returns when every shard is committed or given up."""
+        self._queue.extend(todo)
+        while self._queue or self._in_flight:
+            self._dispatch()
+            waitable = [*self._in_flight, *self.workers.starting()]
+            if not waitable:
+                self._give_up_queued()
+                break
+            ready, _ = ray.wait(
+                waitable, num_returns=1, timeout=faults.POLL_INTERVAL_S, fetch_local=False
+            )
+            if ready:  # collect everything else that is already done
+                ready, _ = ray.wait(
+                    waitable, num_returns=len(waitable), timeout=0, fetch_local=False
+                )
+            starting = self.workers.starting()
+            for ref in ready:
+                if ref in self._in_flight:
+                    self._finish(ref)
+                elif ref in starting:
+                    self.workers.on_ready(starting[ref])
+            self.workers.expire_starting()
+            self._on_tick()
+        return Report(
+            failed=dict(self._failed), stats=dict(self._stats), retries=self.budget.totals
+        )
+
+    def _load(self) -> collections.Counter:
+        return collections.Counter(a.worker.name for a in self._in_flight.values())
+
+    def _dispatch(self) -> None:
+        load = self._load()
+        # Least-loaded first, one shard per worker per pass, so work spreads evenly.
+        while self._queue:
+            free = [w for w in self.workers.in_service if load[w.name] < self.max_in_flight]
+            if not free:
+                return
+            for worker in sorted(free, key=lambda w: load[w.name]):
+                if not self._queue:
+                    return
+                shard = self._queue.popleft()
+                number = self._attempts[shard.shard_id]
+                self._attempts[shard.shard_id] += 1
+                ref = self._submit(worker, shard, number)
+                self._in_flight[ref] = _Attempt(shard, worker, number)
+                load[worker.name] += 1
+                stats = self._stats[worker.name]
+                if stats.first_dispatch is None:
+                    stats.first_dispatch = self._clock()
+
+    def _finish(self, ref: ray.ObjectRef) -> None:
+        attempt = self._in_flight.pop(ref)
+        outcome = faults.resolve(ref)
+        if isinstance(outcome, faults.Success):
+            result: shards.ShardResult = outcome.value
+            self._on_commit(result)
+            stats = self._stats[attempt.worker.name]
+            stats.shards += 1
+            stats.rows += result.rows
+            stats.samples += result.samples
+            stats.completion_tokens += result.completion_tokens
+            stats.last_result = self._clock()
+            return
+        shard_id = attempt.shard.shard_id
+        log.warning(
+            "shard %s attempt %d on %s: %s",
+            shard_id,
+            attempt.number,
+            attempt.worker.name,
+            outcome.message,
+        )
+        if isinstance(outcome, faults.Preempted):
+            self.workers.lose(attempt.worker, outcome.message)
+        if self.budget.charge(shard_id, outcome):
+            self._queue.appendleft(attempt.shard)  # first in line: it is the oldest work
+        else:
+            self._failed[shard_id] = (
+                f"gave up after {self._attempts[shard_id]} attempts: {outcome.message}"
+            )
+
+    def _give_up_queued(self) -> None:
+        reason = self.workers.last_error or "no worker could start"
+        for shard in self._queue:
+            self._failed[shard.shard_id] = f"no workers left: {reason}"
+        self._queue.clear()

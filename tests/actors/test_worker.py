@@ -1,0 +1,149 @@
+"""The generation worker's contract, in-process with the real engine on the demo model."""
+
+import concurrent.futures
+
+import fsspec
+import jax
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import model
+from actors import output, rows, shards, worker
+from cluster import faults
+from model import requests
+
+MAX_TOKENS = 8
+MAX_PROMPT_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def gen_worker(jax_cache) -> worker.GenerationWorker:
+    return worker.GenerationWorker(
+        worker.ModelSpec(num_slots=4, decode_steps=8, max_prompt_tokens=MAX_PROMPT_TOKENS)
+    )
+
+
+def _spec(path: str, num_rows: int, shard_id: str = "00000") -> shards.ShardSpec:
+    return shards.ShardSpec(
+        shard_id=shard_id,
+        path=path,
+        file_key="in.parquet",
+        row_groups=(0,),
+        offset=0,
+        num_rows=num_rows,
+        first_row=0,
+    )
+
+
+def _options(out: str, **kw) -> shards.ShardOptions:
+    base = dict(sampling=requests.SamplingParams(max_tokens=MAX_TOKENS), output_dir=out)
+    return shards.ShardOptions(**{**base, **kw})
+
+
+def test_ready_describes_the_worker(gen_worker):
+    info = gen_worker.ready()
+    assert info["platform"] == "cpu" and info["devices"] >= 1
+    assert info["name"] == "local"
+
+
+def test_process_shard_writes_every_row_once(
+    tmp_path, write_parquet, prompts, demo_model, gen_worker
+):
+    too_long = "word " * (2 * MAX_PROMPT_TOKENS)
+    column = [*prompts[:5], None, "", too_long]
+    path = write_parquet(
+        str(tmp_path / "in.parquet"),
+        {"prompt": column, "id": [f"r{i}" for i in range(len(column))]},
+    )
+    out = str(tmp_path / "out")
+    fsspec.filesystem("file").makedirs(out)
+    result = gen_worker.process_shard(_spec(path, len(column), "00007"), _options(out))
+
+    assert result.output_path == f"{out}/part-00007.parquet"
+    table = pq.read_table(result.output_path)
+    assert table.schema == output.output_schema(False)
+    d = table.to_pydict()
+    assert d["id"] == [f"r{i}" for i in range(len(column))]
+    assert d["finish_reason"][5:] == ["error"] * 3
+    assert d["error"][5:7] == ["prompt is null", "prompt is empty"]
+    assert "over the limit of 64" in d["error"][7]
+    assert (result.rows, result.samples, result.error_rows) == (8, 8, 3)
+    assert result.completion_tokens == sum(d["num_completion_tokens"])
+
+    config, params, tokenizer = demo_model
+    expected = model.sample(
+        config, params, tokenizer, prompts[:5], max_tokens=MAX_TOKENS, num_slots=4, decode_steps=8
+    )
+    assert d["completion_tokens"][:5] == [c.tokens for c in expected]
+    assert d["completion"][:5] == [c.text for c in expected]
+    assert all(d["completion"][:5]) and set(d["finish_reason"][:5]) <= {"stop", "length"}
+
+
+def test_samples_per_row_and_chat(tmp_path, write_parquet, prompts, gen_worker):
+    path = write_parquet(str(tmp_path / "in.parquet"), {"prompt": prompts[:2]})
+    spec = _spec(path, 2)
+    sampled = _options(
+        str(tmp_path),
+        with_sample_index=True,
+        commit_on_driver=True,
+        sampling=requests.SamplingParams(max_tokens=MAX_TOKENS, n=3, temperature=1.0, seed=5),
+    )
+    result = gen_worker.process_shard(spec, sampled)
+    table = pq.read_table(pa.BufferReader(result.payload))
+    assert table.column("sample_index").to_pylist() == [0, 1, 2, 0, 1, 2]
+    assert table.column("id").to_pylist() == ["in.parquet#0"] * 3 + ["in.parquet#1"] * 3
+    assert not fsspec.filesystem("file").exists(result.output_path)  # the driver commits it
+
+    plain = gen_worker(rows.read_rows(spec, sampled), spec, _options(""))
+    chat = gen_worker(rows.read_rows(spec, sampled), spec, _options("", chat=True))
+    assert all(
+        c > p
+        for c, p in zip(
+            chat.column("num_prompt_tokens").to_pylist(),
+            plain.column("num_prompt_tokens").to_pylist(),
+            strict=True,
+        )
+    )
+
+
+def test_concurrent_shards_share_one_engine(tmp_path, write_parquet, prompts, gen_worker):
+    out = str(tmp_path / "out")
+    fsspec.filesystem("file").makedirs(out)
+    paths = [
+        write_parquet(str(tmp_path / f"in{i}.parquet"), {"prompt": prompts[i:] + prompts[:i]})
+        for i in range(3)
+    ]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(
+            pool.map(
+                lambda i: gen_worker.process_shard(
+                    _spec(paths[i], len(prompts), f"0000{i}"), _options(out)
+                ),
+                range(3),
+            )
+        )
+    tables = [pq.read_table(r.output_path) for r in results]
+    by_prompt = [
+        dict(zip(prompts[i:] + prompts[:i], t.column("completion_tokens").to_pylist(), strict=True))
+        for i, t in enumerate(tables)
+    ]
+    assert by_prompt[0] == by_prompt[1] == by_prompt[2]  # batch mates do not matter
+
+
+def test_inline_rows_from_a_process_local_file(write_parquet, prompts, gen_worker):
+    url = write_parquet("memory://worker-test/in.parquet", {"prompt": prompts[:3]})
+    spec = _spec(url, 3)
+    options = _options("memory://worker-test/out", commit_on_driver=True)
+    result = gen_worker.process_shard(spec, options, table=rows.read_rows(spec, options))
+    assert pq.read_table(pa.BufferReader(result.payload)).num_rows == 3
+
+
+def test_a_dead_engine_is_fatal(tmp_path, write_parquet, prompts):
+    broken = worker.GenerationWorker(worker.ModelSpec(num_slots=4, decode_steps=8))
+    jax.tree.map(lambda x: x.delete(), broken.engine.params)  # as if the device went away
+    path = write_parquet(str(tmp_path / "in.parquet"), {"prompt": prompts[:2]})
+    with pytest.raises(faults.WorkerLost, match="engine stopped"):
+        broken.process_shard(_spec(path, 2), _options(str(tmp_path)))
+    with pytest.raises(faults.WorkerLost):  # and stays dead
+        broken.process_shard(_spec(path, 2), _options(str(tmp_path)))

@@ -1,0 +1,108 @@
+"""The worker pool on a real local Ray cluster: readiness, replacement, start failures."""
+
+import os
+import signal
+import sys
+
+import pytest
+import ray
+import ray.cloudpickle
+
+from cluster import faults, hardware, pool
+
+# Workers cannot import test modules; ship this module's classes by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = pytest.mark.ray
+
+CPU_SPEC = hardware.WorkerSpec(
+    accelerator=hardware.Accelerator.CPU,
+    num_cpus=0.0,
+    num_gpus=0.0,
+    resources={},
+    capacity=2,
+    hosts=1,
+    description="test",
+)
+
+
+class Loader:
+    """Stands in for a model worker: ``ready`` answers once ``__init__`` has run."""
+
+    def __init__(self, fail: bool = False):
+        if fail:
+            raise RuntimeError("checkpoint gs://nowhere/ckpt does not exist")
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid()}
+
+
+def _wait_ready(p: pool.WorkerPool, timeout: float = 60.0) -> None:
+    while p.starting():
+        refs = list(p.starting())
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        assert done, "workers did not start"
+        starting = p.starting()
+        for ref in done:
+            p.on_ready(starting[ref])
+
+
+def test_pool_starts_and_replaces_a_killed_worker(ray_address):
+    p = pool.WorkerPool(Loader, (), CPU_SPEC, size=2, max_replacements=1)
+    p.start()
+    try:
+        _wait_ready(p)
+        assert len(p.in_service) == 2
+        victim = p.in_service[0]
+        os.kill(victim.info["pid"], signal.SIGKILL)
+        replacement = p.lose(victim, "killed by test")
+        assert replacement is not None and replacement.index == 2
+        assert victim.lost == "killed by test" and not victim.ready
+        _wait_ready(p)
+        assert len(p.in_service) == 2 and p.replaced == 1
+        assert p.lose(p.in_service[0], "again") is None  # replacement budget spent
+        assert len(p.in_service) == 1 and not p.exhausted
+    finally:
+        p.shutdown()
+    assert p.exhausted
+
+
+def test_workers_that_cannot_load_exhaust_the_pool(ray_address):
+    p = pool.WorkerPool(Loader, (True,), CPU_SPEC, size=1, max_replacements=1)
+    p.start()
+    try:
+        outcomes = []
+        while p.starting():
+            ref, worker = next(iter(p.starting().items()))
+            ray.wait([ref], timeout=60)
+            outcomes.append(p.on_ready(worker))
+        assert [type(o) for o in outcomes] == [faults.Preempted, faults.Preempted]
+        assert p.exhausted
+        assert "checkpoint gs://nowhere/ckpt does not exist" in p.last_error
+    finally:
+        p.shutdown()
+
+
+def test_unschedulable_workers_expire(ray_address):
+    now = [0.0]
+    spec = hardware.WorkerSpec(
+        accelerator=hardware.Accelerator.TPU,
+        num_cpus=0.0,
+        num_gpus=0.0,
+        resources={"TPU": 4.0},
+        capacity=1,
+        hosts=1,
+        description="test",
+    )
+    p = pool.WorkerPool(
+        Loader, (), spec, size=1, max_replacements=0, start_timeout_s=30.0, clock=lambda: now[0]
+    )
+    p.start()
+    try:
+        assert p.expire_starting() == []
+        now[0] = 31.0
+        (expired,) = p.expire_starting()
+        assert "not ready after 30s" in expired.lost
+        assert p.exhausted
+    finally:
+        p.shutdown()

@@ -1,0 +1,36 @@
+"""Fixtures of the job tests: small job configs on the session's Ray cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from jobs import config as config_lib
+
+# Small everywhere: the engine compiles per shape, and 2 CPU cores run everything.
+SLOTS, DECODE_STEPS, MAX_TOKENS = 4, 8, 8
+
+
+@pytest.fixture
+def job_config(ray_address) -> Callable[..., config_lib.JobConfig]:
+    """``make(inputs, output, workers=1, shard_rows=4, **cluster)``: a small CPU job on the session cluster."""
+
+    def make(
+        inputs, output, *, workers=1, shard_rows=4, keep_columns=(), sampling=None, **cluster
+    ) -> config_lib.JobConfig:
+        return config_lib.JobConfig(
+            io=config_lib.IOConfig(
+                inputs=tuple(inputs),
+                output=output,
+                shard_rows=shard_rows,
+                keep_columns=tuple(keep_columns),
+            ),
+            model=config_lib.ModelConfig(slots=SLOTS, decode_steps=DECODE_STEPS),
+            sampling=sampling or config_lib.SamplingConfig(max_tokens=MAX_TOKENS),
+            cluster=config_lib.ClusterConfig(
+                address=ray_address, workers=workers, accelerator="cpu", **cluster
+            ),
+        )
+
+    return make

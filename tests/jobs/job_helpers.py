@@ -1,0 +1,49 @@
+"""Helpers of the job tests: reading a job's output, checking exactly-once, polling."""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs import manifest
+
+POLL_S = 0.05
+
+
+def read_output(url: str) -> pa.Table:
+    """Every committed part file of a job's output, concatenated in shard order."""
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    parts = sorted(fs.glob(f"{path.rstrip('/')}/part-*.parquet"))
+    tables = []
+    for p in parts:
+        with fs.open(p, "rb") as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables)
+
+
+def assert_exactly_once(table: pa.Table, expected_ids) -> None:
+    """Each expected id appears exactly once (one sample per row)."""
+    counts = collections.Counter(table.column("id").to_pylist())
+    assert sorted(counts) == sorted(expected_ids), "ids differ from the input's"
+    twice = {k: v for k, v in counts.items() if v != 1}
+    assert not twice, f"ids not exactly once: {twice}"
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Polls ``predicate`` until true; fails naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(POLL_S)
+
+
+def committed_shards(url: str) -> list[str]:
+    """Shard ids with a commit record in a job's output."""
+    return sorted(manifest.OutputDir(url).committed())

@@ -1,0 +1,85 @@
+"""The command line refuses bad job input before any worker starts, naming the file or option."""
+
+import subprocess
+import sys
+
+import pytest
+
+from jobs import generate
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    code = generate.main(list(argv))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def good_input(tmp_path, write_parquet) -> str:
+    return write_parquet(str(tmp_path / "in.parquet"), {"prompt": ["a", "b"]})
+
+
+def test_missing_column(capsys, tmp_path, write_parquet):
+    path = write_parquet(str(tmp_path / "q.parquet"), {"question": ["a"]})
+    code, err = _run(capsys, "--input", path, "--output", str(tmp_path / "out"))
+    assert code == generate.EXIT_BAD_INPUT
+    assert f"input {path} has no prompt column 'prompt'" in err
+    assert not (tmp_path / "out").exists()  # nothing written either
+
+
+def test_not_parquet(capsys, tmp_path):
+    (tmp_path / "in.csv").write_text("prompt\nhello\n")
+    code, err = _run(capsys, "--input", str(tmp_path / "in.csv"), "--output", str(tmp_path / "o"))
+    assert code == generate.EXIT_BAD_INPUT and "in.csv is not a readable Parquet file" in err
+
+
+def test_non_empty_output(capsys, tmp_path, good_input):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("")
+    code, err = _run(capsys, "--input", good_input, "--output", str(tmp_path / "out"))
+    assert code == generate.EXIT_BAD_INPUT
+    assert "is not empty" in err and "--resume" in err and "--overwrite" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+        (["--workers", "2", "--min-workers", "1"], "--workers excludes"),
+        (["--max-tokens", "0"], "max_tokens must be a positive integer"),
+        (
+            ["--checkpoint", "/nowhere/ckpt", "--tokenizer", "/nowhere/t.model"],
+            "--checkpoint /nowhere/ckpt does not exist",
+        ),
+    ],
+)
+def test_inconsistent_options(capsys, tmp_path, good_input, flags, message):
+    code, err = _run(capsys, "--input", good_input, "--output", str(tmp_path / "out"), *flags)
+    assert code == generate.EXIT_BAD_INPUT and message in err
+
+
+def test_unreachable_output(capsys, tmp_path, good_input):
+    (tmp_path / "f").write_text("")
+    code, err = _run(capsys, "--input", good_input, "--output", str(tmp_path / "f" / "out"))
+    assert code == generate.EXIT_BAD_INPUT and "is not writable" in err
+
+
+def test_input_is_checked_before_ray_is_contacted(tmp_path):
+    """With an address nothing listens on, bad input still fails at once with its own message."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.generate",
+            "--input",
+            str(tmp_path / "missing.parquet"),
+            "--output",
+            str(tmp_path / "out"),
+            "--address",
+            "127.0.0.1:9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == generate.EXIT_BAD_INPUT
+    assert "missing.parquet: no such file or directory" in proc.stderr

@@ -1,0 +1,107 @@
+"""Job config: grouped, frozen, and inconsistent options named by their flags."""
+
+import dataclasses
+
+import pytest
+
+from cluster import hardware
+from jobs import config as config_lib
+from jobs import driver
+
+IO = config_lib.IOConfig(inputs=("in.parquet",), output="out")
+
+
+def _job(**groups) -> config_lib.JobConfig:
+    return config_lib.JobConfig(io=groups.pop("io", IO), **groups)
+
+
+def test_defaults_validate_and_are_frozen():
+    job = _job()
+    job.validate()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.io.output = "elsewhere"
+    assert job.sampling.params().max_tokens == 256
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        ({"io": dataclasses.replace(IO, inputs=())}, "--input is required"),
+        ({"io": dataclasses.replace(IO, shard_rows=0)}, "--shard-rows must be positive"),
+        (
+            {"io": dataclasses.replace(IO, keep_columns=("completion",))},
+            r"--keep-columns \['completion'\] collide with output columns",
+        ),
+        ({"model": config_lib.ModelConfig(checkpoint="ckpt")}, "--checkpoint needs --tokenizer"),
+        ({"model": config_lib.ModelConfig(slots=0)}, "--slots must be positive"),
+        (
+            {"sampling": config_lib.SamplingConfig(temperature=-1.0)},
+            "invalid sampling option: temperature must be >= 0",
+        ),
+        ({"sampling": config_lib.SamplingConfig(n=0)}, "n must be a positive integer"),
+        (
+            {"cluster": config_lib.ClusterConfig(workers=2, max_workers=3)},
+            "--workers excludes --min-workers/--max-workers",
+        ),
+        (
+            {"cluster": config_lib.ClusterConfig(min_workers=3, max_workers=2)},
+            r"--min-workers \(3\) is larger than --max-workers \(2\)",
+        ),
+        ({"cluster": config_lib.ClusterConfig(accelerator="npu")}, "--accelerator"),
+        (
+            {"resume": config_lib.ResumeConfig(resume=True, overwrite=True)},
+            "--resume and --overwrite exclude each other",
+        ),
+    ],
+)
+def test_inconsistent_options_are_named(groups, message):
+    with pytest.raises(config_lib.JobInputError, match=message):
+        _job(**groups).validate()
+
+
+def test_fingerprint_holds_only_output_deciding_options():
+    a = _job(cluster=config_lib.ClusterConfig(workers=1))
+    b = _job(cluster=config_lib.ClusterConfig(workers=8), model=config_lib.ModelConfig(slots=4))
+    assert a.fingerprint() == b.fingerprint()
+    c = _job(sampling=config_lib.SamplingConfig(max_tokens=9))
+    assert (
+        c.fingerprint()["sampling"]["max_tokens"] == 9 != a.fingerprint()["sampling"]["max_tokens"]
+    )
+
+
+def _spec(capacity: int, hosts: int = 1, accelerator=hardware.Accelerator.TPU):
+    return hardware.WorkerSpec(
+        accelerator=accelerator,
+        num_cpus=0.0,
+        num_gpus=0.0,
+        resources={"TPU": 4.0},
+        capacity=capacity,
+        hosts=hosts,
+        description="4 TPU chip(s) per worker (one per host)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("capacity", "cluster", "todo", "expected"),
+    [
+        (4, config_lib.ClusterConfig(), 100, 4),  # one per host by default
+        (4, config_lib.ClusterConfig(max_workers=2), 100, 2),
+        (4, config_lib.ClusterConfig(workers=3), 100, 3),
+        (4, config_lib.ClusterConfig(), 2, 2),  # never more workers than shards
+    ],
+)
+def test_worker_count(capacity, cluster, todo, expected):
+    assert driver.worker_count(_spec(capacity, hosts=capacity), cluster, todo) == expected
+
+
+@pytest.mark.parametrize(
+    ("capacity", "cluster", "message"),
+    [
+        (0, config_lib.ClusterConfig(), "room for 0 tpu worker"),
+        (2, config_lib.ClusterConfig(workers=3), "--workers 3: the cluster has room for 2"),
+        (2, config_lib.ClusterConfig(min_workers=3), "--min-workers 3: the cluster has room for 2"),
+    ],
+)
+def test_cluster_too_small_is_named(capacity, cluster, message):
+    with pytest.raises(config_lib.JobInputError, match=message):
+        driver.worker_count(_spec(capacity), cluster, 10)

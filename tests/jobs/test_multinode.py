@@ -1,0 +1,98 @@
+"""Several Ray nodes on one machine, two of them standing in for TPU hosts; one host is lost mid-job."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from job_helpers import assert_exactly_once, committed_shards, read_output, wait_for
+
+from jobs import manifest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+START_TIMEOUT_S = 300.0
+CHIPS_PER_HOST = 4
+
+
+@pytest.fixture(scope="module")
+def tpu_cluster(jax_cache):
+    """A head node without accelerators plus two "TPU hosts" (a custom TPU resource each)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+    )
+    hosts = [cluster.add_node(num_cpus=1, resources={"TPU": CHIPS_PER_HOST}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    try:
+        yield cluster, hosts
+    finally:
+        cluster.shutdown()
+
+
+def test_lost_tpu_host_loses_no_rows(tmp_path, write_parquet, prompts, tpu_cluster):
+    cluster, hosts = tpu_cluster
+    ids = [f"h{i:03d}" for i in range(60)]
+    inputs = write_parquet(
+        str(tmp_path / "in.parquet"),
+        {"id": ids, "prompt": [prompts[i % len(prompts)] for i in range(60)]},
+    )
+    out = str(tmp_path / "out")
+    log_path = tmp_path / "job.log"
+    with open(log_path, "w") as log:
+        job = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jobs.generate",
+                "--input",
+                inputs,
+                "--output",
+                out,
+                "--address",
+                cluster.address,
+                "--shard-rows",
+                "3",
+                "--slots",
+                "4",
+                "--decode-steps",
+                "8",
+                "--max-tokens",
+                "8",
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(
+                lambda: (
+                    job.poll() is not None
+                    or (
+                        os.path.isdir(f"{out}/{manifest.COMMITS_DIR}")
+                        and len(committed_shards(out)) >= 2
+                    )
+                ),
+                START_TIMEOUT_S,
+                "committed shards",
+            )
+            cluster.remove_node(hosts[1])  # the host and its worker are gone
+            assert job.wait(timeout=600) == 0, log_path.read_text()[-3000:]
+        finally:
+            if job.poll() is None:
+                job.kill()
+    text = log_path.read_text()
+    assert "starting 2 tpu worker(s), 4 TPU chip(s) per worker (one per host)" in text
+
+    assert_exactly_once(read_output(out), ids)
+    summary = json.loads(pathlib.Path(f"{out}/summary.json").read_text())
+    assert summary["shards"]["committed"] == 20 and summary["status"] == "succeeded"
+    workers = summary["workers"]
+    assert len({w["node_id"] for w in workers if w.get("node_id")}) == 2  # one per host
+    (lost,) = [w for w in workers if w["lost"]]
+    assert lost["ready"] and "died" in lost["lost"].lower()
+    assert summary["retries"]["preempted"] >= 1  # its in-flight shards ran on the other host
