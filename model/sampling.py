@@ -52,7 +52,8 @@ def _filter_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -
     # Nucleus: the smallest prefix of the sorted tokens whose mass reaches top_p.
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    in_nucleus = mass_before < top_p[:, None]
+    # top_p = 1 keeps everything: rounding can push the running mass to 1 early.
+    in_nucleus = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
     n_keep = jnp.maximum(jnp.sum(in_nucleus, axis=-1), 1)
     pth = jnp.take_along_axis(sorted_logits, (n_keep - 1)[:, None], axis=-1)
     cutoff = jnp.maximum(kth, pth)

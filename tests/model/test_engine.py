@@ -1,0 +1,556 @@
+"""The continuous-batching engine on a tiny model: every sampling feature, end to end.
+
+All tests share one tiny model (window 16, so outputs cross the attention
+window) and, where they can, one engine sizing ``BASE``, so that JAX compiles
+each program once per session. The parameters are ``griffin.init_params``
+perturbed with noise: the reference init has zero biases and gives degenerate
+(one-token) greedy loops, which would make token comparisons weak.
+
+Tolerance: logprobs against ``forward_logits`` 1e-4 (float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from model import griffin, testing
+from model import tokenizer as tokenizer_lib
+from model.engine import Chunk, Engine, EngineConfig, sample
+from model.requests import Completion, Request, SamplingParams
+
+LOGPROB_TOL = 1e-4
+VOCAB = 512
+NOISE = 0.5
+# 4 slots, 8 steps per call, 16-token prefill chunks; rings of 4, 8 then the full window.
+BASE = EngineConfig(num_slots=4, decode_steps=8, chunk_size=16, min_ring=4)
+PROMPTS = (
+    "Hello",
+    "The old sailor watched the long report",
+    "Q: What is the capital of France?\nA: The capital of France is",
+    # 167 tokens: several 16- and 64-token chunks and ten attention windows.
+    "In the morning the harbour was quiet. Fishermen mended their nets, children ran "
+    "along the pier, and the baker opened the shutters of a small café. " * 2,
+)
+MAX_TOKENS = 48
+
+
+def build():
+    """(config, params, tokenizer) of the tiny model; deterministic, also used by subprocesses."""
+    config = testing.tiny_config(vocab_size=VOCAB)
+    params = griffin.init_params(config, jax.random.PRNGKey(0))
+    params = testing.perturb(jax.device_get(params), seed=1, noise=NOISE)
+    tok = tokenizer_lib.Tokenizer(testing.train_tiny_tokenizer(vocab_size=VOCAB))
+    return config, params, tok
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build()
+
+
+def make_engine(model, tokenizer=None, **overrides) -> Engine:
+    config, params, tok = model
+    return Engine(config, params, tokenizer or tok, dataclasses.replace(BASE, **overrides))
+
+
+def run(engine: Engine, requests) -> dict[tuple[str, int], Completion]:
+    """Completions of ``requests`` keyed by (request_id, sample_index)."""
+    out = {}
+    for c in engine.generate(requests):
+        key = (c.request_id, c.sample_index)
+        assert key not in out, f"duplicate completion {key}"
+        out[key] = c
+    return out
+
+
+def req(rid, prompt, **params) -> Request:
+    params.setdefault("max_tokens", MAX_TOKENS)
+    return Request(request_id=str(rid), prompt=prompt, params=SamplingParams(**params))
+
+
+class _NoStopTokens:
+    """The tokenizer with no always-on stop tokens (EOS is then an ordinary token)."""
+
+    stop_token_ids = ()
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def sampled(i: int) -> dict:
+    """Varied sampling parameters of the i-th request in mixed batches."""
+    return [
+        dict(temperature=1.0, seed=11),
+        dict(temperature=0.7, top_k=20, seed=12),
+        dict(temperature=1.3, top_p=0.9, seed=13),
+        dict(),
+    ][i % 4]
+
+
+@pytest.fixture(scope="module")
+def greedy(model):
+    """Greedy completions of PROMPTS through ``sample`` (the public one-call API)."""
+    config, params, tok = model
+    return sample(
+        config,
+        params,
+        tok,
+        list(PROMPTS),
+        max_tokens=MAX_TOKENS,
+        num_slots=4,
+        decode_steps=8,
+        chunk_size=16,
+    )
+
+
+def tokens_of(results) -> dict:
+    return {k: c.tokens for k, c in results.items()}
+
+
+# Parity with DeepMind's reference sampler ------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")  # the reference's
+def test_greedy_matches_reference_sampler(model, greedy):
+    from recurrentgemma import jax as rg
+
+    config, params, tok = model
+    ref_cfg = testing.reference_config(config)
+    assert ref_cfg.block_types == (
+        rg.TemporalBlockType.RECURRENT,
+        rg.TemporalBlockType.RECURRENT,
+        rg.TemporalBlockType.ATTENTION,
+    )
+    sampler = rg.Sampler(model=rg.Griffin(ref_cfg), vocab=tok.processor, params=params)
+    # Not the 167-token prompt: the reference unrolls its linear scan over the prompt, and
+    # compiling that takes 20 s. The others cross the window within the prompt or output.
+    for prompt, ours in zip(PROMPTS[:3], greedy, strict=False):
+        assert ours.finish_reason in ("length", "stop"), ours.error
+        # One prompt per call: the reference drops first tokens of shorter prompts in a batch.
+        ref = sampler([prompt], total_generation_steps=MAX_TOKENS).tokens[0].tolist()
+        n = len(ours.tokens)
+        assert ours.tokens == ref[:n], (
+            f"prompt {prompt[:20]!r}: diverges at "
+            f"{next(i for i in range(n) if ours.tokens[i] != ref[i])}"
+        )
+        if ours.finish_reason == "stop":  # we stopped at a stop token the reference emitted
+            assert ref[n] in tok.stop_token_ids
+        else:
+            assert n == MAX_TOKENS
+        assert ours.num_prompt_tokens == len(tok.encode(prompt))
+        assert ours.text == tok.decode(ours.tokens)
+    # The comparison is meaningful: outputs are varied and cross the window.
+    assert max(len(set(c.tokens)) for c in greedy) > 10
+    assert (
+        min(c.num_prompt_tokens + len(c.tokens) for c in greedy) > 2 * config.attention_window_size
+    )
+
+
+# Sampling parameters ---------------------------------------------------------
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(model, greedy):
+    engine = make_engine(model)
+    requests = [req(f"k{i}", p, temperature=1.0, top_k=1, seed=i) for i, p in enumerate(PROMPTS)]
+    requests += [
+        req(f"p{i}", p, temperature=1.0, top_p=1e-6, seed=i) for i, p in enumerate(PROMPTS)
+    ]
+    out = run(engine, requests)
+    for i, g in enumerate(greedy):
+        assert out[(f"k{i}", 0)].tokens == g.tokens
+        assert out[(f"p{i}", 0)].tokens == g.tokens
+    # ... while plain temperature sampling does not reproduce greedy.
+    plain = run(engine, [req(i, p, temperature=1.0, seed=i) for i, p in enumerate(PROMPTS)])
+    assert sum(plain[(str(i), 0)].tokens != g.tokens for i, g in enumerate(greedy)) >= 3
+
+
+def test_seeded_sampling_ignores_batch_mates_and_slots(model):
+    target = req("x", PROMPTS[1], temperature=1.0, top_p=0.95, seed=7, max_tokens=40)
+    mates = [req(i, p, max_tokens=20 + 7 * i, **sampled(i)) for i, p in enumerate(PROMPTS)]
+    alone = run(make_engine(model), [target])[("x", 0)].tokens
+    crowded = run(make_engine(model), mates[:2] + [target] + mates[2:])[("x", 0)].tokens
+    # 8 slots and 64-token chunks: other compiled shapes, other prefill group and chunking.
+    more = [dataclasses.replace(r, request_id=f"more{r.request_id}") for r in mates]
+    wide = run(
+        make_engine(model, num_slots=8, chunk_size=64, min_ring=16), mates + [target] + more
+    )[("x", 0)].tokens
+    assert len(alone) == 40
+    assert alone == crowded == wide
+
+
+def test_different_seeds_and_samples_differ(model):
+    engine = make_engine(model)
+    params = dict(temperature=1.0, max_tokens=24, n=3)
+    first = run(engine, [req("a", PROMPTS[2], seed=1, **params)])
+    samples = [first[("a", i)].tokens for i in range(3)]
+    assert len({tuple(s) for s in samples}) == 3
+    # Each sample is reproducible, here behind another request and in a different slot.
+    again = run(
+        engine,
+        [req("b", PROMPTS[0], temperature=1.0, seed=5), req("a", PROMPTS[2], seed=1, **params)],
+    )
+    assert [again[("a", i)].tokens for i in range(3)] == samples
+    other = run(engine, [req("a", PROMPTS[2], seed=2, **params)])
+    assert all(other[("a", i)].tokens != samples[i] for i in range(3))
+
+
+# Ending a sample -------------------------------------------------------------
+
+
+def _boundary_stop_string(tok, tokens: list[int]) -> tuple[str, int, int]:
+    """A stop string spanning the boundary before ``tokens[i]``.
+
+    Returns (stop, i, cut): 2 characters of ``tokens[i-1]`` and 2 of ``tokens[i]``,
+    first occurring at character ``cut`` of the text.
+    """
+    text = tok.decode(tokens)
+    for i in range(3, len(tokens)):
+        left, right = tok.decode(tokens[i - 1 : i]), tok.decode(tokens[i : i + 1])
+        if len(left.strip()) < 2 or len(right.strip()) < 2 or "\ufffd" in left + right:
+            continue
+        head = tok.decode(tokens[:i])
+        if not text.startswith(head) or not head.endswith(left):
+            continue
+        stop = head[-2:] + right[:2]
+        if text.find(stop) == len(head) - 2:
+            return stop, i, len(head) - 2
+    raise AssertionError("no token boundary with printable pieces on both sides")
+
+
+def test_stop_string_split_across_tokens(model):
+    engine = make_engine(model)
+    params = dict(temperature=0.8, seed=3, max_tokens=MAX_TOKENS)
+    free = run(engine, [req("a", PROMPTS[1], **params)])[("a", 0)]
+    stop, i, cut = _boundary_stop_string(model[2], free.tokens)
+    out = run(engine, [req("a", PROMPTS[1], stop=("never appears", stop), **params)])[("a", 0)]
+    assert out.finish_reason == "stop"
+    assert out.text == free.text[:cut]
+    assert stop not in out.text and out.text + stop in free.text
+    # Generation ends with the token that completed the stop string.
+    assert out.tokens == free.tokens[: i + 1]
+
+
+def test_stop_token_ids(model, greedy):
+    engine = make_engine(model)
+    tokens = greedy[2].tokens
+    # The first token value whose first occurrence is at index >= 5.
+    j = next(j for j in range(5, len(tokens)) if tokens[j] not in tokens[:j])
+    out = run(engine, [req("a", PROMPTS[2], stop_token_ids=(tokens[j],))])[("a", 0)]
+    assert (out.finish_reason, out.tokens) == ("stop", tokens[:j])
+    assert out.text == model[2].decode(tokens[:j])
+
+
+def test_eos_and_end_of_turn_end_generation(model):
+    """Samples end just before the first EOS or <end_of_turn> their unstopped twin draws."""
+    tok = model[2]
+    stopping, unstopped = make_engine(model), make_engine(model, tokenizer=_NoStopTokens(tok))
+    ends = []
+    for seed in range(3, 9):  # hot sampling: a few batches of 32 samples hit both ids
+        many = req("a", PROMPTS[1], temperature=1.5, seed=seed, n=32, max_tokens=64)
+        stopped, full = run(stopping, [many]), tokens_of(run(unstopped, [many]))
+        for key, c in stopped.items():
+            assert len(full[key]) == 64
+            if c.finish_reason == "stop":
+                assert c.tokens == full[key][: len(c.tokens)]
+                assert not set(c.tokens) & set(tok.stop_token_ids)
+                ends.append(full[key][len(c.tokens)])
+            else:
+                assert c.tokens == full[key] and not set(full[key]) & set(tok.stop_token_ids)
+        if tok.eos_id in ends and tok.end_of_turn_id in ends:
+            break
+    assert set(ends) == {tok.eos_id, tok.end_of_turn_id}
+
+
+def test_max_tokens_gives_length(model):
+    engine = make_engine(model, tokenizer=_NoStopTokens(model[2]))  # nothing ends it earlier
+    counts = (1, 2, 7, 8, 9, 17, 30)  # around the 8-step decode calls
+    out = run(engine, [req(n, PROMPTS[3], temperature=1.0, seed=4, max_tokens=n) for n in counts])
+    longest = out[(str(counts[-1]), 0)].tokens
+    for n in counts:
+        c = out[(str(n), 0)]
+        assert (c.finish_reason, len(c.tokens)) == ("length", n)
+        assert c.tokens == longest[:n]
+
+
+# Scheduling ------------------------------------------------------------------
+
+
+def test_continuous_batching_more_requests_than_slots(model):
+    engine = make_engine(model)
+    lengths = (1, 70, 3, 25, 8, 50, 2, 33, 16, 9)
+    requests = [req(i, PROMPTS[i % 4], max_tokens=n, **sampled(i)) for i, n in enumerate(lengths)]
+    together = run(engine, requests)
+    assert sorted(together) == sorted((str(i), 0) for i in range(len(lengths)))
+    for i, n in enumerate(lengths):
+        c = together[(str(i), 0)]
+        if c.finish_reason == "length":
+            assert len(c.tokens) == n
+        else:
+            assert c.finish_reason == "stop" and len(c.tokens) < n
+        alone = run(engine, [requests[i]])[(str(i), 0)]
+        assert (c.tokens, c.text, c.finish_reason) == (
+            alone.tokens,
+            alone.text,
+            alone.finish_reason,
+        )
+    assert sum(len(c.tokens) for c in together.values()) > 150
+
+
+def test_decode_steps_do_not_change_results(model):
+    requests = [req(i, p, max_tokens=30 + i, **sampled(i)) for i, p in enumerate(PROMPTS)]
+    results = [tokens_of(run(make_engine(model, decode_steps=k), requests)) for k in (1, 4, 16)]
+    assert results[0] == results[1] == results[2]
+
+
+def test_prefill_chunk_size_does_not_change_results(model, greedy):
+    config, params, tok = model
+    # Several chunks of either size, and many attention windows.
+    assert len(tok.encode(PROMPTS[3])) > 2 * 64 >= 8 * config.attention_window_size
+    requests = [req(i, p, max_tokens=24, **sampled(i)) for i, p in enumerate(PROMPTS)]
+    by_chunk = [tokens_of(run(make_engine(model, chunk_size=c), requests)) for c in (16, 64)]
+    assert by_chunk[0] == by_chunk[1]
+    assert by_chunk[0][("3", 0)] == greedy[3].tokens[:24]
+
+
+def test_compilations_are_bounded(model):
+    """Bound: decode  (window 32, min_ring 8 -> rings 8, 16, full)        3
+              prefill (groups 1, 2) x (chunks 16, 32)                  4
+              first tokens, insert: one per group size (1, 2)      2 + 2
+                                                                       --
+                                                                       11
+    A window no other test uses, so only this test's programs are counted.
+    """
+    config, params, tok = model
+    config = config.replace(attention_window_size=32)
+    engine = Engine(
+        config,
+        params,
+        tok,
+        EngineConfig(num_slots=4, decode_steps=4, chunk_size=32, prefill_batch=2, min_ring=8),
+    )
+    before = engine.compile_counts()
+    rng = np.random.default_rng(0)
+
+    def workload(n):
+        return [
+            req(
+                i,
+                rng.integers(4, VOCAB, rng.integers(1, 120)).tolist(),
+                max_tokens=int(rng.integers(1, 40)),
+                **sampled(i),
+            )
+            for i in range(n)
+        ]
+
+    assert len(run(engine, workload(24))) == 24
+    first = engine.compile_counts()
+    added = {k: first[k] - before[k] for k in first}
+    bound = {"_decode": 3, "_prefill_chunk": 4, "_first_tokens": 2, "_insert": 2}
+    assert all(added[k] <= bound[k] for k in bound), (added, bound)
+    assert len(run(engine, workload(24))) == 24
+    assert engine.compile_counts() == first  # nothing new for new prompt lengths
+
+
+# Snapshots -------------------------------------------------------------------
+
+
+def _by_sample(chunks: list[Chunk]) -> dict[tuple[str, int], list[Chunk]]:
+    out: dict[tuple[str, int], list[Chunk]] = {}
+    for c in chunks:
+        out.setdefault((c.request_id, c.sample_index), []).append(c)
+    return out
+
+
+def _joined(chunks: list[Chunk]) -> tuple:
+    """(tokens, text, logprobs, finish_reason) of one sample's chunks."""
+    return (
+        [t for c in chunks for t in c.tokens],
+        "".join(c.text for c in chunks),
+        [x for c in chunks for x in c.logprobs or []],
+        chunks[-1].finish_reason,
+    )
+
+
+def test_snapshot_resume_in_new_engine(model):
+    """Interrupting after every possible chunk and resuming elsewhere changes nothing."""
+    requests = [
+        req("long", PROMPTS[1], temperature=1.0, seed=2, max_tokens=40, stop=("zq",)),
+        req("short", PROMPTS[0], temperature=0.9, seed=3, max_tokens=11),
+        req("greedy", PROMPTS[3], max_tokens=37, logprobs=True),
+        req("other", PROMPTS[2], temperature=1.0, seed=4, max_tokens=29),
+    ]
+    whole = list(make_engine(model).stream(requests))
+    expected = _by_sample(whole)
+    saw_undelivered = saw_finished = False
+    for stop_after in range(1, len(whole) - 1):
+        engine = make_engine(model)
+        stream = engine.stream(requests)
+        before = [next(stream) for _ in range(stop_after)]
+        snaps = pickle.loads(pickle.dumps(engine.snapshot()))
+        saw_undelivered |= any(s.undelivered for s in snaps if s.cache is not None)
+        saw_finished |= any(s.cache is None for s in snaps)
+        after = list(make_engine(model).stream([], resume=snaps))
+        got = _by_sample(before + after)
+        assert got.keys() == expected.keys(), stop_after
+        for key, chunks in expected.items():
+            assert _joined(got[key]) == _joined(chunks), (stop_after, key)
+    # Both subtle cases happened: chunks of a decode round not yet handed out, and a
+    # sample that finished in that round.
+    assert saw_undelivered and saw_finished
+
+
+def test_snapshot_is_small_and_constant_size(model):
+    config, params, tok = model
+    engine = make_engine(model, tokenizer=_NoStopTokens(tok))  # runs past chunk 20
+    stream = engine.stream(
+        [req("a", PROMPTS[1], temperature=1.0, seed=1, max_tokens=200, stop=("never appears",))]
+    )
+    sizes = {}
+    for i, _ in enumerate(stream):
+        if i in (1, 20):
+            (snap,) = engine.snapshot()
+            snap = dataclasses.replace(snap, undelivered=[])  # at most one decode call of tokens
+            sizes[snap.generated] = len(pickle.dumps(snap))
+        if i == 20:
+            break
+    cache = griffin.cache_bytes(griffin.init_cache(config, 1))
+    (early, small), (late, large) = sorted(sizes.items())
+    assert late - early >= 100
+    assert abs(large - small) <= 64, sizes  # independent of the generated length
+    # The model state, the request, and the text stream (whose decoder carries the tokenizer).
+    assert large <= cache + len(tok.model_proto) + 4096, (large, cache)
+    print(f"snapshot {large} bytes: cache {cache}, tokenizer model {len(tok.model_proto)}")
+
+
+# Request errors ----------------------------------------------------------------
+
+
+def test_bad_requests_get_error_completions(model):
+    engine = make_engine(model, max_prompt_tokens=32)
+    good = [req("good0", PROMPTS[0], max_tokens=12), req("good1", PROMPTS[1], max_tokens=9)]
+    bad = {
+        "empty": (req("empty", ""), "prompt is empty"),
+        "no_ids": (req("no_ids", []), "prompt has no tokens"),
+        "bad_id": (req("bad_id", [2, VOCAB]), "outside [0, 512)"),
+        "too_long": (req("too_long", PROMPTS[3]), "over the limit of 32"),
+        "max0": (req("max0", "Hi", max_tokens=0), "max_tokens must be a positive integer"),
+        "max_neg": (req("max_neg", "Hi", max_tokens=-3), "max_tokens must be a positive integer"),
+        "top_p0": (req("top_p0", "Hi", top_p=0.0), "top_p must be in (0, 1]"),
+        "top_p_big": (req("top_p_big", "Hi", top_p=1.5), "top_p must be in (0, 1]"),
+        "stop_id": (req("stop_id", "Hi", stop_token_ids=(VOCAB,)), "stop token id 512"),
+        "stop_neg": (req("stop_neg", "Hi", stop_token_ids=(-1,)), "stop token id -1"),
+    }
+    order = (
+        [good[0]] + [r for r, _ in bad.values()][:5] + [good[1]] + [r for r, _ in bad.values()][5:]
+    )
+    out = run(engine, order)
+    assert len(out) == len(order)
+    for name, (_, message) in bad.items():
+        c = out[(name, 0)]
+        assert (c.finish_reason, c.tokens, c.text) == ("error", [], "")
+        assert message in c.error, (name, c.error)
+    for r in good:
+        c = out[(r.request_id, 0)]
+        assert c.error is None and len(c.tokens) == r.params.max_tokens
+        assert c.tokens == run(engine, [r])[(r.request_id, 0)].tokens
+
+
+# Logprobs and streaming ----------------------------------------------------------
+
+
+def test_logprobs_equal_log_softmax_of_forward(model):
+    config, params, tok = model
+    requests = [
+        req(i, p, logprobs=True, max_tokens=20 + 3 * i, **sampled(i)) for i, p in enumerate(PROMPTS)
+    ]
+    out = run(make_engine(model), requests)
+    seqs = [(tok.encode(p), out[(str(i), 0)].tokens) for i, p in enumerate(PROMPTS)]
+    # One forward over right-padded rows: causal, so padding cannot change earlier logits.
+    length = max(len(p) + len(g) for p, g in seqs)
+    batch = np.zeros((len(seqs), length), np.int32)
+    for row, (p, g) in enumerate(seqs):
+        batch[row, : len(p) + len(g)] = p + g
+    logp = np.asarray(jax.nn.log_softmax(griffin.forward_logits(config, params, batch), -1))
+    for row, (p, g) in enumerate(seqs):
+        got = np.array(out[(str(row), 0)].logprobs)
+        want = logp[row, np.arange(len(p) - 1, len(p) - 1 + len(g)), g]
+        assert got.shape == (len(g),)
+        np.testing.assert_allclose(got, want, atol=LOGPROB_TOL, rtol=0)
+    plain = run(make_engine(model), [req("x", PROMPTS[0], max_tokens=3)])
+    assert plain[("x", 0)].logprobs is None
+
+
+def test_stream_yields_incremental_chunks(model):
+    engine = make_engine(model, tokenizer=_NoStopTokens(model[2]))  # "long" runs to 60
+    requests = [
+        req("long", PROMPTS[2], temperature=1.0, seed=9, max_tokens=60),
+        req("stop", PROMPTS[1], temperature=0.8, seed=3, stop=("e",)),
+    ]
+    chunks = _by_sample(list(engine.stream(requests)))
+    final = run(engine, requests)
+    for key, cs in chunks.items():
+        assert "".join(c.text for c in cs) == final[key].text
+        assert [t for c in cs for t in c.tokens] == final[key].tokens
+        assert [c.finish_reason is not None for c in cs] == [False] * (len(cs) - 1) + [True]
+        assert all(len(c.tokens) <= BASE.decode_steps for c in cs)
+    long = chunks[("long", 0)]
+    assert len(long) >= 60 // BASE.decode_steps  # first token, then one chunk per decode call
+    assert sum(bool(c.text) for c in long) > 3  # text arrives as it is generated
+
+
+# Devices ------------------------------------------------------------------------
+
+_MULTI_DEVICE = """
+import importlib.util, json, sys
+import jax
+spec = importlib.util.spec_from_file_location("test_engine", {path!r})
+te = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(te)
+model = te.build()
+requests = [te.req(i, p, max_tokens=24) for i, p in enumerate(te.PROMPTS * 2)]
+out = {{}}
+for name, n in (("four", None), ("one", 1)):
+    engine = te.make_engine(model, num_slots=8, num_devices=n)
+    devices = {{d.id for leaf in jax.tree.leaves(engine.cache) for d in leaf.sharding.device_set}}
+    tokens = {{k[0]: c.tokens for k, c in te.run(engine, requests).items()}}
+    out[name] = dict(devices=len(devices), tokens=tokens)
+json.dump(dict(out, local=jax.local_device_count()), sys.stdout)
+"""
+
+
+def test_engine_spans_forced_host_devices(greedy):
+    """Slots split over 4 (forced CPU) devices give the same greedy tokens as one device."""
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    script = textwrap.dedent(_MULTI_DEVICE.format(path=os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["local"] == 4
+    assert (out["four"]["devices"], out["one"]["devices"]) == (4, 1)
+    assert out["four"]["tokens"] == out["one"]["tokens"]
+    for i, c in enumerate(greedy):  # and the same as this process's single-device run
+        assert out["four"]["tokens"][str(i)] == c.tokens[:24]
