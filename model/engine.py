@@ -52,6 +52,8 @@ class EngineConfig:
         every K steps.
       chunk_size: Prefill chunk length (C); prefill memory is O(C x (window + C)).
       prefill_batch: Most prompts prefilled together in one group.
+      prefill_chunks_per_round: Most prefill chunks run between two decode
+        rounds; bounds how long decoding slots wait for new prompts.
       max_prompt_tokens: Longer prompts are rejected per request.
       min_ring: Smallest attention-ring bucket; decode attends only to the
         filled part of the window, rounded up to a power of two >= this.
@@ -65,6 +67,7 @@ class EngineConfig:
     decode_steps: int = 32
     chunk_size: int = 256
     prefill_batch: int = 8
+    prefill_chunks_per_round: int = 4
     max_prompt_tokens: int = 131_072
     min_ring: int = 256
     scan_implementation: str | None = None
@@ -73,6 +76,7 @@ class EngineConfig:
 
     def __post_init__(self):
         for name in ("num_slots", "decode_steps", "chunk_size", "prefill_batch",
+                     "prefill_chunks_per_round",
                      "max_prompt_tokens", "min_ring"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
@@ -264,11 +268,16 @@ class Engine:
             while restored and (restored[0].cache is None or self._free_slots()):
                 self._restore(restored.popleft())
             yield from self._deliver()
-            if group is None and self._free_slots():
-                group, errors = self._start_group(pending)
-                self._outbox.extend(errors)
-                yield from self._deliver()
-            if group is not None:
+            # Up to prefill_chunks_per_round chunks before the next decode round:
+            # short prompts fill every free slot at once, while a long prompt
+            # still advances only that many chunks between decode rounds.
+            for _ in range(self.engine_config.prefill_chunks_per_round):
+                if group is None and self._free_slots():
+                    group, errors = self._start_group(pending)
+                    self._outbox.extend(errors)
+                    yield from self._deliver()
+                if group is None:
+                    break
                 group.advance(self)
                 if group.done:
                     self._finish_group(group)
