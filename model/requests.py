@@ -91,7 +91,8 @@ class Completion:
     Attributes:
       request_id: The request's id.
       sample_index: Which of the request's ``n`` samples this is.
-      tokens: Generated token ids (stop token / stop string tokens excluded).
+      tokens: Generated token ids; a stop token is excluded, the token that completes a
+        stop string is kept (the text is cut before the stop string).
       text: Decoded text of ``tokens``.
       finish_reason: "stop", "length" or "error".
       num_prompt_tokens: Prompt length in tokens, BOS included.
