@@ -261,7 +261,7 @@ class Engine:
         be an unbounded generator. Invalid requests yield a single error chunk
         per sample; the rest go on.
         """
-        pending = _expand(requests)
+        pending = _Pending(requests)
         restored = collections.deque(resume)
         group = None
         while True:
@@ -532,10 +532,6 @@ class _Pending:
     def pop(self):
         self._fill()
         return self._queue.popleft() if self._queue else None
-
-
-def _expand(requests: Iterable[Request]) -> _Pending:
-    return _Pending(requests)
 
 
 def _completion(chunks: list[Chunk]) -> Completion:
