@@ -11,7 +11,9 @@ requests with ``--prompt``-token prompts and ``max_tokens`` drawn uniformly from
 tokens are each request's own ``max_tokens`` (nothing stops early).
 
 * continuous: every request handed to one ``Engine.generate``; a finished
-  sample's slot takes the next request at once.
+  sample's slot takes the next request at once, the pending request with the
+  largest ``max_tokens`` first (the engine's default).
+* continuous_fifo: the same with ``longest_first=False`` (arrival order).
 * static: requests in arrival order, ``slots`` at a time; every request of a
   batch generates as many tokens as the batch's longest (``max_tokens`` set to
   the batch maximum), as a static batcher would, and only each request's own
@@ -37,6 +39,7 @@ from benchmarks import common  # noqa: E402
 
 
 def continuous(engine, prompts, lengths) -> float:
+    """Seconds to serve every request through one ``generate`` call."""
     out, seconds = common.run_engine(engine, common.requests(prompts, lengths))
     assert [len(out[str(i)]) for i in range(len(prompts))] == list(lengths)
     return seconds
@@ -70,6 +73,9 @@ def main():
     lengths = rng.integers(args.min_tokens, args.max_tokens + 1, args.requests).tolist()
     prompts = common.token_prompts(args.requests, args.prompt, config.vocab_size, args.seed)
     engine = common.make_engine(config, params, num_slots=args.slots, decode_steps=32)
+    # Same compiled programs (they are keyed by shapes), arrival-order admission.
+    fifo = common.make_engine(config, params, num_slots=args.slots, decode_steps=32,
+                              longest_first=False)
     common.log("warm-up ...")
     common.warm_up_engine(
         engine, max_position=args.prompt + args.max_tokens, prompt_len=args.prompt
@@ -79,6 +85,8 @@ def main():
     useful = sum(lengths)
     common.log("continuous ...")
     cont_s = continuous(engine, prompts, lengths)
+    common.log("continuous, arrival order ...")
+    fifo_s = continuous(fifo, prompts, lengths)
     common.log("static ...")
     static_s, computed = static(engine, prompts, lengths, args.slots)
     common.emit(
@@ -91,9 +99,12 @@ def main():
             "useful_tokens": useful,
             "continuous_s": cont_s,
             "static_s": static_s,
+            "continuous_fifo_s": fifo_s,
             "continuous_tokens_per_s": useful / cont_s,
+            "continuous_fifo_tokens_per_s": useful / fifo_s,
             "static_tokens_per_s": useful / static_s,
             "speedup": static_s / cont_s,
+            "speedup_fifo": static_s / fifo_s,
             "static_padding_fraction": 1 - useful / computed,
             "compiled_during_timing": sum(engine.compile_counts().values()) - sum(before.values()),
             **common.environment(),

@@ -25,6 +25,7 @@ import collections
 import copy
 import dataclasses
 import functools
+import heapq
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
@@ -57,6 +58,13 @@ class EngineConfig:
       max_prompt_tokens: Longer prompts are rejected per request.
       min_ring: Smallest attention-ring bucket; decode attends only to the
         filled part of the window, rounded up to a power of two >= this.
+      longest_first: Admit the pending request with the largest ``max_tokens``
+        first (among ``lookahead`` pulled ahead). Long requests then start
+        early instead of forming a tail after the short ones are done, which
+        is what bounds a batch's total time; outputs do not depend on the
+        order. False: arrival order.
+      lookahead: Requests pulled ahead of admission for ``longest_first``
+        (None: 4 x num_slots). Bounds host memory for unbounded iterables.
       scan_implementation: RG-LRU scan backend (None: auto).
       num_devices: Local devices the engine spans (None: all).
       model_parallel: Devices each parameter is split over (tensor
@@ -70,6 +78,8 @@ class EngineConfig:
     prefill_chunks_per_round: int = 4
     max_prompt_tokens: int = 131_072
     min_ring: int = 256
+    longest_first: bool = True
+    lookahead: int | None = None
     scan_implementation: str | None = None
     num_devices: int | None = None
     model_parallel: int = 1
@@ -116,6 +126,8 @@ class SlotSnapshot:
       text: the text stream (decoder tail and held-back text); None with cache.
       undelivered: chunks already computed (the state above includes them) but
         not yet handed out when the snapshot was taken; resuming yields them first.
+      pending: the sample had not started decoding (still prefilling, or
+        pulled ahead but not admitted); resuming starts it from its prompt.
     """
 
     request: Request
@@ -126,6 +138,7 @@ class SlotSnapshot:
     cache: object | None
     text: TextStream | None
     undelivered: list[Chunk] = dataclasses.field(default_factory=list)
+    pending: bool = False
 
 
 @dataclasses.dataclass
@@ -157,11 +170,13 @@ class _Sample:
 def _decode(config, params, cache, last_tokens, positions, token_index, rows, *, steps,
             ring_limit, scan):
     """``steps`` decode steps for every slot; inactive slots have position -1."""
+    hoisted = griffin.hoist(params)
 
     def step(carry, _):
         cache, tokens, pos, idx = carry
         logits, cache = griffin.apply(config, params, tokens[:, None], pos[:, None], cache,
-                                      ring_limit=ring_limit, scan_implementation=scan)
+                                      ring_limit=ring_limit, scan_implementation=scan,
+                                      hoisted=hoisted)
         nxt, logprob = sample_tokens(logits[:, 0], rows, idx)
         pos = jnp.where(pos >= 0, pos + 1, -1)
         return (cache, nxt, pos, idx + 1), (nxt, logprob)
@@ -174,21 +189,22 @@ def _decode(config, params, cache, last_tokens, positions, token_index, rows, *,
 @functools.partial(jax.jit, static_argnames=("config", "scan"), donate_argnames=("cache",))
 def _prefill_chunk(config, params, cache, tokens, positions, *, scan):
     """One prefill chunk for a group; returns logits at each row's last valid token."""
-    logits, cache = griffin.apply(config, params, tokens, positions, cache,
-                                  scan_implementation=scan)
     last = jnp.maximum(jnp.sum(positions >= 0, axis=1) - 1, 0)
-    return cache, jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+    logits, cache = griffin.apply(config, params, tokens, positions, cache,
+                                  scan_implementation=scan, logits_at=last)
+    return cache, logits[:, 0]
 
 
 @jax.jit
-def _first_tokens(logits, rows):
-    return sample_tokens(logits, rows, jnp.zeros(logits.shape[:1], jnp.int32))
+def _first_tokens(logits, row_of, rows):
+    """First token of each sample from the logits of its prompt's row ``row_of[i]``."""
+    return sample_tokens(logits[row_of], rows, jnp.zeros(row_of.shape, jnp.int32))
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
-def _insert(cache, rows_cache, slots):
-    """Copies each row of ``rows_cache`` into slot ``slots[i]`` (out of range: dropped)."""
-    return jax.tree.map(lambda c, r: c.at[slots].set(r.astype(c.dtype), mode="drop"),
+def _insert(cache, rows_cache, row_of, slots):
+    """Copies row ``row_of[i]`` of ``rows_cache`` into slot ``slots[i]`` (out of range: dropped)."""
+    return jax.tree.map(lambda c, r: c.at[slots].set(r[row_of].astype(c.dtype), mode="drop"),
                         cache, rows_cache)
 
 
@@ -242,6 +258,9 @@ class Engine:
         self._outbox: collections.deque[tuple[Request, _Sample | None, Chunk]] = (
             collections.deque())
         self._always_stop = frozenset(getattr(tokenizer, "stop_token_ids", ()) or ())
+        # The current stream's queue and prefill group, for snapshots.
+        self._pending = _Pending(())
+        self._group: _PrefillGroup | None = None
 
     # Public API -----------------------------------------------------------
     def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
@@ -261,9 +280,16 @@ class Engine:
         be an unbounded generator. Invalid requests yield a single error chunk
         per sample; the rest go on.
         """
-        pending = _Pending(requests)
-        restored = collections.deque(resume)
-        group = None
+        ec = self.engine_config
+        self._pending = pending = _Pending(requests, longest_first=ec.longest_first,
+                                           lookahead=ec.lookahead or 4 * ec.num_slots)
+        restored = collections.deque()
+        for snap in resume:
+            if snap.pending:  # had not started decoding: prefill it again
+                pending.add(snap.request, snap.sample_index)
+            else:
+                restored.append(snap)
+        self._group = None
         while True:
             while restored and (restored[0].cache is None or self._free_slots()):
                 self._restore(restored.popleft())
@@ -272,21 +298,21 @@ class Engine:
             # short prompts fill every free slot at once, while a long prompt
             # still advances only that many chunks between decode rounds.
             for _ in range(self.engine_config.prefill_chunks_per_round):
-                if group is None and self._free_slots():
-                    group, errors = self._start_group(pending)
+                if self._group is None and self._free_slots():
+                    self._group, errors = self._start_group(pending)
                     self._outbox.extend(errors)
                     yield from self._deliver()
-                if group is None:
+                if self._group is None:
                     break
-                group.advance(self)
-                if group.done:
-                    self._finish_group(group)
-                    group = None
+                self._group.advance(self)
+                if self._group.done:
+                    self._finish_group(self._group)
+                    self._group = None
                     yield from self._deliver()
             if any(self._slots):
                 self._decode_round()
                 yield from self._deliver()
-            elif group is None and not restored and not self._has_pending(pending):
+            elif self._group is None and not restored and not self._has_pending(pending):
                 return
 
     def _deliver(self) -> Iterator[Chunk]:
@@ -294,11 +320,14 @@ class Engine:
             yield self._outbox.popleft()[2]  # popped first: a snapshot now excludes it
 
     def snapshot(self) -> list[SlotSnapshot]:
-        """Snapshots every decoding slot and every chunk not yet handed out.
+        """Snapshots every sample the engine holds and every chunk not yet handed out.
 
-        Call between ``stream`` iterations. Chunks yielded so far plus the
-        output of ``stream([], resume=snapshot)`` equal an uninterrupted run.
-        Samples still prefilling and requests not yet started are not included.
+        Call between ``stream`` iterations. Decoding samples carry their state;
+        samples still prefilling and requests already pulled from the caller's
+        iterable but not started come back as ``pending`` snapshots (prefilled
+        again on resume). Chunks yielded so far plus the output of
+        ``stream(rest, resume=snapshot)``, where ``rest`` is what the caller's
+        iterable has not yet yielded, equal an uninterrupted run.
         """
         undelivered: dict[int, tuple[Request, _Sample | None, list[Chunk]]] = {}
         for request, s, chunk in self._outbox:
@@ -313,6 +342,12 @@ class Engine:
                 request=s.request, sample_index=s.sample_index, prompt_len=len(s.prompt),
                 generated=s.generated, last_token=s.last_token, cache=row,
                 text=copy.deepcopy(s.text), undelivered=undelivered.pop(id(s), (None, s, []))[2]))
+        not_started = [(r.sample.request, r.sample.sample_index, len(r.sample.prompt))
+                       for r in self._slots if isinstance(r, _Reserved)]
+        not_started += [(request, index, 0) for request, index in self._pending.items()]
+        out.extend(SlotSnapshot(request=request, sample_index=index, prompt_len=prompt_len,
+                                generated=0, last_token=0, cache=None, text=None, pending=True)
+                   for request, index, prompt_len in not_started)
         for request, s, chunks in undelivered.values():  # finished or rejected samples
             out.append(SlotSnapshot(
                 request=request, sample_index=chunks[0].sample_index,
@@ -381,11 +416,15 @@ class Engine:
         return _PrefillGroup(samples, free[: len(samples)], self), errors
 
     def _finish_group(self, group: _PrefillGroup) -> None:
-        rows = _row_params(group.samples + [None] * (group.size - len(group.samples)))
-        tokens, logprobs = _first_tokens(group.last_logits, rows)
-        slots = np.full(group.size, self.engine_config.num_slots, np.int32)
+        # Samples of one request share a prefilled row: copy it into each slot.
+        width = _pow2_at_least(len(group.samples))
+        rows = _row_params(group.samples + [None] * (width - len(group.samples)))
+        row_of = np.zeros(width, np.int32)
+        row_of[: len(group.row_of)] = group.row_of
+        tokens, logprobs = _first_tokens(group.last_logits, row_of, rows)
+        slots = np.full(width, self.engine_config.num_slots, np.int32)
         slots[: len(group.slots)] = group.slots
-        self.cache = self._on_slots(_insert(self.cache, group.cache, jnp.asarray(slots)))
+        self.cache = self._on_slots(_insert(self.cache, group.cache, row_of, jnp.asarray(slots)))
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
         for i, (slot, s) in enumerate(zip(group.slots, group.samples, strict=True)):
             self._slots[slot] = s
@@ -464,7 +503,8 @@ class Engine:
         s.generated, s.last_token = snap.generated, snap.last_token
         s.text = copy.deepcopy(snap.text)
         row = jax.device_put(snap.cache, self._replicated)
-        self.cache = self._on_slots(_insert(self.cache, row, jnp.asarray([slot], jnp.int32)))
+        self.cache = self._on_slots(_insert(self.cache, row, np.zeros(1, np.int32),
+                                            jnp.asarray([slot], jnp.int32)))
         self._slots[slot] = s
         self._outbox.extend((snap.request, s, c) for c in snap.undelivered)
 
@@ -477,14 +517,23 @@ class _Reserved:
 
 
 class _PrefillGroup:
-    """Prompts prefilled together, one chunk per engine iteration."""
+    """Prompts prefilled together, one chunk per engine iteration.
+
+    The n samples of one request share one row: its prompt is prefilled once.
+    """
 
     def __init__(self, samples: list[_Sample], slots: list[int], engine: Engine):
         ec = engine.engine_config
         self.samples, self.slots = samples, slots
-        self.size = _pow2_at_least(len(samples))
+        row_by_request: dict[int, int] = {}
+        self.row_of = [row_by_request.setdefault(id(s.request), len(row_by_request))
+                       for s in samples]
+        self.prompts = [None] * len(row_by_request)
+        for s, row in zip(samples, self.row_of, strict=True):
+            self.prompts[row] = s.prompt
+        self.size = _pow2_at_least(len(self.prompts))
         self.lengths = np.zeros(self.size, np.int64)
-        self.lengths[: len(samples)] = [len(s.prompt) for s in samples]
+        self.lengths[: len(self.prompts)] = [len(p) for p in self.prompts]
         self.offset = 0
         self.cache = jax.device_put(
             griffin.init_cache(engine.config, self.size, engine.dtype), engine._replicated)
@@ -497,8 +546,8 @@ class _PrefillGroup:
         length = min(self.chunk, _pow2_at_least(remaining, _MIN_CHUNK))
         tokens = np.zeros((self.size, length), np.int32)
         positions = np.full((self.size, length), -1, np.int32)
-        for i, s in enumerate(self.samples):
-            piece = s.prompt[self.offset : self.offset + length]
+        for i, prompt in enumerate(self.prompts):
+            piece = prompt[self.offset : self.offset + length]
             tokens[i, : len(piece)] = piece
             positions[i, : len(piece)] = np.arange(self.offset, self.offset + len(piece))
         self.cache, logits = _prefill_chunk(
@@ -512,26 +561,56 @@ class _PrefillGroup:
 
 
 class _Pending:
-    """Lazily expands requests into (request, sample_index) items."""
+    """Lazily expands requests into (request, sample_index) items.
 
-    def __init__(self, requests: Iterable[Request]):
+    With ``longest_first``, up to ``lookahead`` items are pulled from the
+    iterable and the one with the largest ``max_tokens`` (arrival order among
+    equals) is handed out first; otherwise items leave in arrival order.
+    """
+
+    def __init__(self, requests: Iterable[Request], *, longest_first: bool = False,
+                 lookahead: int = 1):
         self._it = iter(requests)
-        self._queue: collections.deque = collections.deque()
+        self._heap: list[tuple[float, int, tuple[Request, int]]] = []
+        self._lookahead = max(lookahead, 1) if longest_first else 1
+        self._longest_first = longest_first
+        self._arrived = 0
+        self._exhausted = False
+
+    def _key(self, request: Request) -> float:
+        if not self._longest_first:
+            return 0.0
+        m = getattr(request.params, "max_tokens", None)
+        # Malformed requests go first: they are rejected at once and free nothing.
+        valid = isinstance(m, int) and not isinstance(m, bool) and m > 0
+        return -m if valid else -float("inf")
 
     def _fill(self) -> None:
-        if not self._queue:
+        while not self._exhausted and len(self._heap) < self._lookahead:
             request = next(self._it, None)
-            if request is not None:
-                n = request.params.n if isinstance(request.params.n, int) else 1
-                self._queue.extend((request, i) for i in range(max(n, 1)))
+            if request is None:
+                self._exhausted = True
+                return
+            n = getattr(request.params, "n", 1)
+            for i in range(max(n, 1) if isinstance(n, int) else 1):
+                self.add(request, i)
+
+    def add(self, request: Request, sample_index: int) -> None:
+        """Queues one sample (a restored one) alongside those pulled from the iterable."""
+        heapq.heappush(self._heap, (self._key(request), self._arrived, (request, sample_index)))
+        self._arrived += 1
+
+    def items(self) -> list[tuple[Request, int]]:
+        """Queued (request, sample_index) items, in the order they would be admitted."""
+        return [item for *_, item in sorted(self._heap)]
 
     def peek(self):
         self._fill()
-        return self._queue[0] if self._queue else None
+        return self._heap[0][2] if self._heap else None
 
     def pop(self):
         self._fill()
-        return self._queue.popleft() if self._queue else None
+        return heapq.heappop(self._heap)[2] if self._heap else None
 
 
 def _completion(chunks: list[Chunk]) -> Completion:

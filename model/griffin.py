@@ -92,8 +92,13 @@ class Griffin(nn.Module):
         *,
         return_logits: bool = True,
         ring_limit: int | None = None,
+        logits_at: jax.Array | None = None,
     ) -> tuple[at.Logits | None, Cache]:
         """Runs ``tokens`` [b, t] at ``positions`` [b, t] (-1 = padding) from ``cache``.
+
+        ``logits_at`` [b] (optional) picks one time index per row: logits are
+        then computed there only, [b, 1, v], which is all prefill needs and
+        spares the vocabulary projection of every other prompt token.
 
         Returns:
           Soft-capped logits [b, t, v] in the compute dtype (None unless
@@ -109,6 +114,8 @@ class Griffin(nn.Module):
             new_cache.append(block_cache)
         if not return_logits:
             return None, tuple(new_cache)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = self.final_norm(x)
         logits = x @ table.T.astype(x.dtype)
         if c := self.config.logits_soft_cap:
@@ -146,6 +153,21 @@ def cache_bytes(cache: Cache) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
 
 
+def hoist(params: at.Params) -> dict:
+    """Weights a decode loop should derive once, outside the loop.
+
+    XLA:CPU does not hoist cheap-looking ops such as slices of loop-invariant
+    weights out of a while loop, and then materialises them on every step.
+    Pass the result as ``apply(..., hoisted=...)`` inside the loop body.
+    """
+    out = {}
+    for name, block in params.items():
+        if name.startswith("blocks."):
+            w = block["mlp_block"]["ffw_up"]["w"]
+            out[name] = {"mlp_block": {"ffw_up": {"w_0": w[0], "w_1": w[1]}}}
+    return out
+
+
 def apply(
     config: GriffinConfig,
     params: at.Params,
@@ -156,11 +178,16 @@ def apply(
     return_logits: bool = True,
     ring_limit: int | None = None,
     scan_implementation: str | None = None,
+    hoisted: dict | None = None,
+    logits_at: jax.Array | None = None,
 ) -> tuple[at.Logits | None, Cache]:
-    """Functional form of ``Griffin.__call__`` (see there)."""
+    """Functional form of ``Griffin.__call__`` (see there); ``hoisted``: see ``hoist``."""
+    variables = {"params": params}
+    if hoisted:
+        variables[layers.HOISTED] = hoisted
     return Griffin(config, scan_implementation).apply(
-        {"params": params}, tokens, positions, cache,
-        return_logits=return_logits, ring_limit=ring_limit)
+        variables, tokens, positions, cache,
+        return_logits=return_logits, ring_limit=ring_limit, logits_at=logits_at)
 
 
 def param_dtype(params: at.Params):

@@ -207,6 +207,25 @@ def test_different_seeds_and_samples_differ(model):
     assert all(other[("a", i)].tokens != samples[i] for i in range(3))
 
 
+def test_samples_of_one_request_share_one_prefill(model, greedy, monkeypatch):
+    from model import engine as engine_lib
+
+    rows = []
+    real = engine_lib._prefill_chunk
+
+    def counting(config, params, cache, tokens, positions, **kw):
+        rows.append(int((np.asarray(positions) >= 0).any(axis=1).sum()))
+        return real(config, params, cache, tokens, positions, **kw)
+
+    monkeypatch.setattr(engine_lib, "_prefill_chunk", counting)
+    out = run(make_engine(model), [req("g", PROMPTS[3], max_tokens=24, n=3, logprobs=True)])
+    assert set(rows) == {1}  # one prompt row per chunk, not three
+    first = out[("g", 0)]
+    assert first.tokens == greedy[3].tokens[:24]
+    for i in (1, 2):  # every slot got the same state: greedy samples agree exactly
+        assert (out[("g", i)].tokens, out[("g", i)].logprobs) == (first.tokens, first.logprobs)
+
+
 # Ending a sample -------------------------------------------------------------
 
 
@@ -309,6 +328,33 @@ def test_continuous_batching_more_requests_than_slots(model):
     assert sum(len(c.tokens) for c in together.values()) > 150
 
 
+def test_longest_first_admits_long_requests_first_and_pulls_a_bounded_window(model):
+    lengths = (2, 20, 5, 11)  # arrival order
+    requests = [req(i, PROMPTS[0], max_tokens=n) for i, n in enumerate(lengths)]
+
+    def finish_order(**overrides):
+        engine = make_engine(model, num_slots=1, **overrides)  # one slot: admission order shows
+        return [c.request_id for c in engine.generate(requests)]
+
+    assert finish_order() == ["1", "3", "2", "0"]
+    assert finish_order(longest_first=False) == ["0", "1", "2", "3"]
+
+    pulled = []
+
+    def endless():  # an unbounded source is read only ``lookahead`` ahead
+        i = 0
+        while True:
+            pulled.append(i)
+            yield req(i, PROMPTS[0], max_tokens=1)
+            i += 1
+
+    engine = make_engine(model, num_slots=1, lookahead=3)
+    stream = engine.generate(endless())
+    first = [next(stream).request_id for _ in range(2)]
+    assert first == ["0", "1"]  # equal max_tokens: arrival order
+    assert len(pulled) <= 2 + 3 + 1
+
+
 def test_decode_steps_do_not_change_results(model):
     requests = [req(i, p, max_tokens=30 + i, **sampled(i)) for i, p in enumerate(PROMPTS)]
     results = [tokens_of(run(make_engine(model, decode_steps=k), requests)) for k in (1, 4, 16)]
@@ -391,25 +437,30 @@ def test_snapshot_resume_in_new_engine(model):
         req("short", PROMPTS[0], temperature=0.9, seed=3, max_tokens=11),
         req("greedy", PROMPTS[3], max_tokens=37, logprobs=True),
         req("other", PROMPTS[2], temperature=1.0, seed=4, max_tokens=29),
+        # More samples than the 4 slots: some wait in the queue or are still
+        # prefilling (a multi-chunk prompt) when snapshots are taken.
+        req("queued", PROMPTS[3], temperature=1.0, seed=5, max_tokens=9, n=2),
+        req("last", PROMPTS[1], max_tokens=5),
     ]
     whole = list(make_engine(model).stream(requests))
     expected = _by_sample(whole)
-    saw_undelivered = saw_finished = False
+    saw_undelivered = saw_finished = saw_pending = False
     for stop_after in range(1, len(whole) - 1):
-        engine = make_engine(model)
-        stream = engine.stream(requests)
+        engine = make_engine(model, prefill_chunks_per_round=1)
+        stream = engine.stream(iter(requests))
         before = [next(stream) for _ in range(stop_after)]
         snaps = pickle.loads(pickle.dumps(engine.snapshot()))
         saw_undelivered |= any(s.undelivered for s in snaps if s.cache is not None)
-        saw_finished |= any(s.cache is None for s in snaps)
+        saw_finished |= any(s.cache is None and not s.pending for s in snaps)
+        saw_pending |= any(s.pending for s in snaps)
         after = list(make_engine(model).stream([], resume=snaps))
         got = _by_sample(before + after)
         assert got.keys() == expected.keys(), stop_after
         for key, chunks in expected.items():
             assert _joined(got[key]) == _joined(chunks), (stop_after, key)
-    # Both subtle cases happened: chunks of a decode round not yet handed out, and a
-    # sample that finished in that round.
-    assert saw_undelivered and saw_finished
+    # Every subtle case happened: chunks of a decode round not yet handed out, a
+    # sample that finished in that round, and samples not yet decoding.
+    assert saw_undelivered and saw_finished and saw_pending
 
 
 def test_snapshot_is_small_and_constant_size(model):

@@ -165,3 +165,15 @@ def test_forward_logits_rejects_bad_input():
         griffin.forward_logits(cfg, params, tokens[0])
     with pytest.raises(ValueError, match="chunk_size"):
         griffin.forward_logits(cfg, params, tokens, chunk_size=0)
+
+
+def test_logits_at_picks_one_position_per_row():
+    """Prefill asks for each row's last-token logits only; they equal the full forward's."""
+    cfg, params, tokens, ref, _ = case("narrow_lru")
+    positions = jnp.broadcast_to(jnp.arange(SEQ_LEN), tokens.shape)
+    at = jnp.array([SEQ_LEN - 1, 7][: tokens.shape[0]], jnp.int32)
+    logits, _ = griffin.apply(cfg, params, tokens, positions, None, logits_at=at)
+    assert logits.shape == (tokens.shape[0], 1, cfg.vocab_size)
+    diff = max_diff(logits[:, 0], ref[jnp.arange(tokens.shape[0]), at])
+    print(f"logits_at vs reference forward max|diff| = {diff:.2e} (tol {F32_TOL})")
+    assert diff <= F32_TOL

@@ -55,6 +55,16 @@ def test_greedy_rows_take_the_argmax_and_report_logprobs():
     np.testing.assert_allclose(logprobs, want, atol=1e-6)
 
 
+def test_argmax_takes_the_first_maximum_and_stays_in_range():
+    logits = jnp.array([[0.0, 3.0, 3.0, 1.0],  # tie: first index, as jnp.argmax
+                        [5.0, -1.0, 5.0, 5.0],
+                        [-2.0, -3.0, -1.0, -1.5],
+                        [jnp.nan] * 4])  # no maximum: an id, never out of range
+    got = np.asarray(jax.jit(sampling.argmax)(logits))
+    np.testing.assert_array_equal(got[:3], np.asarray(jnp.argmax(logits[:3], -1)))
+    assert 0 <= got[3] < 4
+
+
 def test_top_k_1_and_tiny_top_p_are_greedy():
     logits = random_logits()[0]
     argmax = int(jnp.argmax(logits))
