@@ -167,10 +167,12 @@ class _Sample:
 
 @functools.partial(jax.jit, static_argnames=("config", "steps", "ring_limit", "scan"),
                    donate_argnames=("cache",))
-def _decode(config, params, cache, last_tokens, positions, token_index, rows, *, steps,
-            ring_limit, scan):
-    """``steps`` decode steps for every slot; inactive slots have position -1."""
-    hoisted = griffin.hoist(params)
+def _decode(config, params, hoisted, cache, last_tokens, positions, token_index, rows, *,
+            steps, ring_limit, scan):
+    """``steps`` decode steps for every slot; inactive slots have position -1.
+
+    ``hoisted``: ``griffin.hoist(params)`` or {} (see ``Engine.__init__``).
+    """
 
     def step(carry, _):
         cache, tokens, pos, idx = carry
@@ -249,6 +251,12 @@ class Engine:
         self._replicated = sharding.replicated(self.mesh)
         self.params = jax.device_put(params, sharding.param_shardings(params, self.mesh))
         self.dtype = griffin.param_dtype(params)
+        # XLA:CPU copies weight slices inside the decode loop on every step, so
+        # on CPU the engine keeps them pre-sliced (extra memory: the MLP's
+        # up-projection, a third of the non-embedding weights). Other backends
+        # fuse the slices into the matmuls and need nothing.
+        on_cpu = self.mesh.devices.flat[0].platform == "cpu"
+        self._hoisted = jax.jit(griffin.hoist)(self.params) if on_cpu else {}
         self.cache = jax.device_put(griffin.init_cache(config, ec.num_slots, self.dtype),
                                     self._by_slot)
         self._slots: list[_Sample | None] = [None] * ec.num_slots
@@ -447,7 +455,7 @@ class Engine:
         pos = np.array([s.position if s else -1 for s in live], np.int32)
         idx = np.array([s.generated if s else 0 for s in live], np.int32)
         cache, tokens, logprobs = _decode(
-            self.config, self.params, self.cache, last, pos, idx, _row_params(live),
+            self.config, self.params, self._hoisted, self.cache, last, pos, idx, _row_params(live),
             steps=ec.decode_steps, ring_limit=self._ring_limit(ec.decode_steps),
             scan=ec.scan_implementation)
         self.cache = self._on_slots(cache)
