@@ -16,6 +16,12 @@ Roofline: the best float32 GFLOP/s of a 4096^3 ``jnp.dot`` in the same run;
 the model costs about 2 x parameters FLOPs per token (the tied embedding
 counted once, as the output projection; attention scores not counted).
 
+Floor: ``matmul_floor_tokens_per_s`` runs only the model's dense weight
+matmuls per step (JAX and torch, same batch), nothing else. It is the fastest
+any decoder of this model can step here, so ``floor / hf`` is the most that
+any implementation could gain over transformers on this machine
+(``max_vs_hf``).
+
 ``greedy_agreement``: the fraction of sequences whose first 32 tokens equal ours
 (random weights, different kernels: rare near-ties can flip a later token).
 
@@ -116,6 +122,10 @@ def main():
         model_gflop_per_token=flops / 1e9,
         engine_roofline_fraction=generated / seconds * flops / 1e9 / peak,
     )
+    common.log("matmul floor ...")
+    floor = common.matmul_floor_tokens_per_s(params, args.batch)
+    result.update(floor_jax_tokens_per_s=floor["jax"], floor_torch_tokens_per_s=floor["torch"],
+                  engine_vs_floor=result["engine_tokens_per_s"] / max(floor.values()))
     agree = {}
     if not args.skip_reference:
         common.log("reference sampler ...")
@@ -133,6 +143,7 @@ def main():
             hf_s=seconds,
             hf_tokens_per_s=generated / seconds,
             vs_hf=seconds / result["engine_s"],
+            max_vs_hf=max(floor.values()) * seconds / generated,
             torch_threads=threads,
         )
         agree["hf"] = agreement(ours, hf)

@@ -383,6 +383,83 @@ def peak_matmul_gflops(n: int = 4096, repeats: int = 3) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def _dense_weights(params) -> list[dict[str, Any]]:
+    """Per block, the dense matrices a decode step reads, by role; then the embedding."""
+    blocks = []
+    for name in sorted((k for k in params if k.startswith("blocks.")),
+                       key=lambda k: int(k.split(".")[1])):
+        b = params[name]
+        mats = []
+        if "recurrent_block" in b:
+            r = b["recurrent_block"]
+            mats += [("y", r["linear_y"]["kernel"]), ("x", r["linear_x"]["kernel"]),
+                     ("out", r["linear_out"]["kernel"])]
+        else:
+            a = b["attention_block"]
+            mats += [("q", a["proj_q"]["kernel"]), ("k", a["proj_k"]["kernel"]),
+                     ("v", a["proj_v"]["kernel"]), ("final", a["proj_final"]["kernel"])]
+        m = b["mlp_block"]
+        mats += [("up0", m["ffw_up"]["w"][0]), ("up1", m["ffw_up"]["w"][1]),
+                 ("down", m["ffw_down"]["kernel"])]
+        blocks.append(dict(mats))
+    return blocks
+
+
+def _floor_step(x, blocks, embed, xp):
+    """One token of the model's dense matmuls only; ``xp`` is jnp or torch."""
+    for w in blocks:
+        if "y" in w:
+            x = x + ((x @ w["y"]) * (x @ w["x"])) @ w["out"]
+        else:
+            kv = ((x @ w["k"]) * (x @ w["v"])).sum(-1)[:, None]
+            x = x + (x @ w["q"]) @ w["final"] + kv
+        x = x + ((x @ w["up0"]) * (x @ w["up1"])) @ w["down"]
+    # The next input depends on the logits without an argmax or a gather: those
+    # are not matmuls, and their speed differs between frameworks.
+    return (x @ embed.T)[:, : x.shape[1]]
+
+
+def matmul_floor_tokens_per_s(params, batch: int, steps: int = 32, repeats: int = 5
+                              ) -> dict[str, float]:
+    """Decode tokens/s of the model's weight matmuls alone, in JAX and in torch.
+
+    Every dense weight of a decode step (projections, MLP, output embedding),
+    chained so no step can start before the previous one ends, and nothing
+    else: no attention over the cache, no recurrence, no sampling. No decoder
+    of this model, ours or another, can step faster on this machine at this
+    batch, so ``floor / other`` bounds the speed-up anyone can reach over
+    ``other``.
+    """
+    import torch
+
+    blocks = [{k: jnp.asarray(v) for k, v in w.items()} for w in _dense_weights(params)]
+    embed = jnp.asarray(params["embedder"]["input_embedding"])
+    width = embed.shape[1]
+
+    @jax.jit
+    def run(x, blocks, embed):  # weights as arguments, as in a real decoder, not constants
+        return jax.lax.fori_loop(0, steps, lambda _, x: _floor_step(x, blocks, embed, jnp), x)
+
+    x = jnp.ones((batch, width), embed.dtype)
+    run(x, blocks, embed).block_until_ready()
+    jax_s = min(timed(lambda: run(x, blocks, embed).block_until_ready())[1]
+                for _ in range(repeats))
+
+    t_blocks = [{k: torch.from_numpy(np.array(v)) for k, v in w.items()} for w in blocks]
+    t_embed = torch.from_numpy(np.array(embed))
+
+    def torch_run():
+        with torch.no_grad():
+            y = torch.ones(batch, width, dtype=t_embed.dtype)
+            for _ in range(steps):
+                y = _floor_step(y, t_blocks, t_embed, torch)
+        return y
+
+    torch_run()
+    torch_s = min(timed(torch_run)[1] for _ in range(repeats))
+    return {"jax": batch * steps / jax_s, "torch": batch * steps / torch_s}
+
+
 def rss_mb() -> float:
     """Resident memory of this process and its children, MiB."""
     proc = psutil.Process()
