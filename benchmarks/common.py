@@ -40,7 +40,7 @@ import psutil
 
 from model import testing
 from model.config import GriffinConfig, griffin_pattern
-from model.engine import Engine, EngineConfig
+from model.engine import Engine, EngineConfig, ring_buckets
 from model.requests import Request, SamplingParams
 
 BOS = 2
@@ -148,13 +148,11 @@ def warm_up_engine(engine: Engine, max_position: int, prompt_len: int = 16) -> N
     while size <= min(ec.prefill_batch, ec.num_slots):
         run_engine(engine, requests(token_prompts(size, prompt_len, vocab, seed=size), 2))
         size *= 2
-    bucket = ec.min_ring
-    while True:
+    for bucket in ring_buckets(ec.min_ring, config.attention_window_size):
         length = max(prompt_len, min(bucket, max_position) - 2 * ec.decode_steps - 2)
         run_engine(engine, requests(token_prompts(1, length, vocab), 2 * ec.decode_steps))
         if bucket >= min(max_position, config.attention_window_size):
             break
-        bucket *= 2
 
 
 # DeepMind's reference sampler ------------------------------------------------

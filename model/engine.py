@@ -57,7 +57,7 @@ class EngineConfig:
         rounds; bounds how long decoding slots wait for new prompts.
       max_prompt_tokens: Longer prompts are rejected per request.
       min_ring: Smallest attention-ring bucket; decode attends only to the
-        filled part of the window, rounded up to a power of two >= this.
+        filled part of the window, rounded up to a bucket (``ring_buckets``).
       longest_first: Admit the pending request with the largest ``max_tokens``
         first (among ``lookahead`` pulled ahead). Long requests then start
         early instead of forming a tail after the short ones are done, which
@@ -208,6 +208,20 @@ def _insert(cache, rows_cache, row_of, slots):
     """Copies row ``row_of[i]`` of ``rows_cache`` into slot ``slots[i]`` (out of range: dropped)."""
     return jax.tree.map(lambda c, r: c.at[slots].set(r[row_of].astype(c.dtype), mode="drop"),
                         cache, rows_cache)
+
+
+def ring_buckets(min_ring: int, window: int) -> list[int]:
+    """The attention-ring lengths decode compiles for, ending with the whole window.
+
+    Powers of two times ``min_ring`` and 1.5 times those: a slot pays for at
+    most a third more ring than it has filled (a power-of-two ladder pays up
+    to double), for about twice as many compiled decode programs.
+    """
+    out, b = [], min_ring
+    while b < window:
+        out += [b] + ([b * 3 // 2] if b * 3 // 2 < window and b % 2 == 0 else [])
+        b *= 2
+    return out + [window + 1]
 
 
 def _pow2_at_least(n: int, floor: int = 1) -> int:
@@ -443,7 +457,8 @@ class Engine:
     def _ring_limit(self, steps: int) -> int | None:
         window = self.config.attention_window_size
         top = max((s.position + steps for s in self._slots if isinstance(s, _Sample)), default=0)
-        limit = _pow2_at_least(top + 1, self.engine_config.min_ring)
+        limit = next((b for b in ring_buckets(self.engine_config.min_ring, window) if b > top),
+                     window + 1)
         return None if limit >= window else limit
 
     def _decode_round(self) -> None:

@@ -372,11 +372,11 @@ def test_prefill_chunk_size_does_not_change_results(model, greedy):
 
 
 def test_compilations_are_bounded(model):
-    """Bound: decode  (window 32, min_ring 8 -> rings 8, 16, full)        3
-              prefill (groups 1, 2) x (chunks 16, 32)                  4
-              first tokens, insert: one per group size (1, 2)      2 + 2
-                                                                       --
-                                                                       11
+    """Bound: decode  (window 32, min_ring 8 -> rings 8, 12, 16, 24, full)  5
+              prefill (groups 1, 2) x (chunks 16, 32)                      4
+              first tokens, insert: one per group size (1, 2)          2 + 2
+                                                                           --
+                                                                           13
     A window no other test uses, so only this test's programs are counted.
     """
     config, params, tok = model
@@ -404,7 +404,7 @@ def test_compilations_are_bounded(model):
     assert len(run(engine, workload(24))) == 24
     first = engine.compile_counts()
     added = {k: first[k] - before[k] for k in first}
-    bound = {"_decode": 3, "_prefill_chunk": 4, "_first_tokens": 2, "_insert": 2}
+    bound = {"_decode": 5, "_prefill_chunk": 4, "_first_tokens": 2, "_insert": 2}
     assert all(added[k] <= bound[k] for k in bound), (added, bound)
     assert len(run(engine, workload(24))) == 24
     assert engine.compile_counts() == first  # nothing new for new prompt lengths
