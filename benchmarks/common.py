@@ -382,29 +382,27 @@ def peak_matmul_gflops(n: int = 4096, repeats: int = 3) -> float:
 
 
 def _dense_weights(params) -> list[dict[str, Any]]:
-    """Per block, the dense matrices a decode step reads, by role; then the embedding."""
+    """Per block, the dense matrices a decode step reads, by role."""
     blocks = []
     for name in sorted((k for k in params if k.startswith("blocks.")),
                        key=lambda k: int(k.split(".")[1])):
         b = params[name]
-        mats = []
         if "recurrent_block" in b:
             r = b["recurrent_block"]
-            mats += [("y", r["linear_y"]["kernel"]), ("x", r["linear_x"]["kernel"]),
-                     ("out", r["linear_out"]["kernel"])]
+            w = {"y": r["linear_y"]["kernel"], "x": r["linear_x"]["kernel"],
+                 "out": r["linear_out"]["kernel"]}
         else:
             a = b["attention_block"]
-            mats += [("q", a["proj_q"]["kernel"]), ("k", a["proj_k"]["kernel"]),
-                     ("v", a["proj_v"]["kernel"]), ("final", a["proj_final"]["kernel"])]
+            w = {"q": a["proj_q"]["kernel"], "k": a["proj_k"]["kernel"],
+                 "v": a["proj_v"]["kernel"], "final": a["proj_final"]["kernel"]}
         m = b["mlp_block"]
-        mats += [("up0", m["ffw_up"]["w"][0]), ("up1", m["ffw_up"]["w"][1]),
-                 ("down", m["ffw_down"]["kernel"])]
-        blocks.append(dict(mats))
+        w.update(up0=m["ffw_up"]["w"][0], up1=m["ffw_up"]["w"][1], down=m["ffw_down"]["kernel"])
+        blocks.append(w)
     return blocks
 
 
-def _floor_step(x, blocks, embed, xp):
-    """One token of the model's dense matmuls only; ``xp`` is jnp or torch."""
+def _floor_step(x, blocks, embed):
+    """One token of the model's dense matmuls only; jax or torch arrays alike."""
     for w in blocks:
         if "y" in w:
             x = x + ((x @ w["y"]) * (x @ w["x"])) @ w["out"]
@@ -436,7 +434,7 @@ def matmul_floor_tokens_per_s(params, batch: int, steps: int = 32, repeats: int 
 
     @jax.jit
     def run(x, blocks, embed):  # weights as arguments, as in a real decoder, not constants
-        return jax.lax.fori_loop(0, steps, lambda _, x: _floor_step(x, blocks, embed, jnp), x)
+        return jax.lax.fori_loop(0, steps, lambda _, x: _floor_step(x, blocks, embed), x)
 
     x = jnp.ones((batch, width), embed.dtype)
     run(x, blocks, embed).block_until_ready()
@@ -450,7 +448,7 @@ def matmul_floor_tokens_per_s(params, batch: int, steps: int = 32, repeats: int 
         with torch.no_grad():
             y = torch.ones(batch, width, dtype=t_embed.dtype)
             for _ in range(steps):
-                y = _floor_step(y, t_blocks, t_embed, torch)
+                y = _floor_step(y, t_blocks, t_embed)
         return y
 
     torch_run()

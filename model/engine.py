@@ -280,6 +280,7 @@ class Engine:
         self._outbox: collections.deque[tuple[Request, _Sample | None, Chunk]] = (
             collections.deque())
         self._always_stop = frozenset(getattr(tokenizer, "stop_token_ids", ()) or ())
+        self._rings = ring_buckets(ec.min_ring, config.attention_window_size)
         # The current stream's queue and prefill group, for snapshots.
         self._pending = _Pending(())
         self._group: _PrefillGroup | None = None
@@ -457,9 +458,8 @@ class Engine:
     def _ring_limit(self, steps: int) -> int | None:
         window = self.config.attention_window_size
         top = max((s.position + steps for s in self._slots if isinstance(s, _Sample)), default=0)
-        limit = next((b for b in ring_buckets(self.engine_config.min_ring, window) if b > top),
-                     window + 1)
-        return None if limit >= window else limit
+        limit = next((b for b in self._rings if b > top), None)
+        return None if limit is None or limit >= window else limit
 
     def _decode_round(self) -> None:
         ec = self.engine_config
