@@ -5,6 +5,6 @@ Modules: ``worker`` (the actor class), ``rows`` (rows in, rows out),
 output schema and atomic publication), ``shards`` (values exchanged with the driver).
 """
 
-from actors import batching, output, rows, shards, worker
+from griffin_batch.actors import batching, output, rows, shards, worker
 
 __all__ = ["batching", "output", "rows", "shards", "worker"]

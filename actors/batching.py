@@ -19,8 +19,8 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from cluster import faults
-from model import requests
+from griffin_batch.cluster import faults
+from griffin_batch.model import requests
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from actors import output, shards
-from model import requests
+from griffin_batch.actors import output, shards
+from griffin_batch.model import requests
 
 # Optional input columns that override the job's sampling parameters per row.
 OVERRIDE_COLUMNS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "n")

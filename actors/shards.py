@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from model import requests
+from griffin_batch.model import requests
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -9,7 +9,7 @@ data (error rows); a dead engine is fatal (``WorkerLost``), and the driver
 replaces the worker.
 
 Who writes the output: the worker. It encodes the shard's file and publishes
-it atomically under a name fixed by the shard (see ``actors.output``), then
+it atomically under a name fixed by the shard (see ``griffin_batch.actors.output``), then
 reports only statistics. The data never passes through the driver, so the
 driver's memory and network stay flat however large the job, and a repeated
 shard (retry, resume, or a worker presumed dead finishing late) replaces its
@@ -33,8 +33,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from actors import batching, output, rows, shards
-from cluster import faults
+from griffin_batch.actors import batching, output, rows, shards
+from griffin_batch.cluster import faults
+from griffin_batch.model.engine_config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +45,20 @@ class ModelSpec:
     """What a worker loads and how it sizes its engine.
 
     Attributes:
-      checkpoint: Checkpoint path or URL (``model.load_checkpoint``); None: the
+      checkpoint: Checkpoint path or URL (``griffin_batch.model.load_checkpoint``); None: the
         bundled demo model (resolved where the worker runs).
       tokenizer: SentencePiece model path or URL (None with the demo model).
       preset: Config preset name when the checkpoint has no config.
       dtype: Parameter/compute dtype name (None: as stored).
-      num_slots: Sequences decoded together (continuous batching width).
-      decode_steps: Decode steps per device call.
-      chunk_size: Prefill chunk length.
-      max_prompt_tokens: Longer prompts become error rows.
+      engine: The engine's sizing (longer prompts than its
+        ``max_prompt_tokens`` become error rows).
     """
 
     checkpoint: str | None = None
     tokenizer: str | None = None
     preset: str | None = None
     dtype: str | None = None
-    num_slots: int = 32
-    decode_steps: int = 32
-    chunk_size: int = 256
-    max_prompt_tokens: int = 131_072
+    engine: EngineConfig = EngineConfig()
 
 
 class GenerationWorker:
@@ -79,47 +75,65 @@ class GenerationWorker:
     """
 
     def __init__(self, spec: ModelSpec):
-        import model  # heavy (JAX): imported where the worker runs, not where it is scheduled
-        from model import engine
-
         start = time.perf_counter()
+        self.name = _actor_name()
+        # Never raise from here: Ray would print the traceback on the user's
+        # terminal and the driver could not tell a missing package from a
+        # flaky store. ``ready()`` reports the error instead (see cluster.pool).
+        self._start_error: Exception | None = None
+        try:
+            self._load(spec)
+        except Exception as error:  # noqa: BLE001 - reported by ready()
+            log.exception("worker %s could not start", self.name)
+            self._start_error = error
+        self.load_seconds = time.perf_counter() - start
+
+    def _load(self, spec: ModelSpec) -> None:
+        from griffin_batch import (
+            model,  # heavy (JAX): imported where the worker runs, not where it is scheduled
+        )
+        from griffin_batch.model import engine
+
         checkpoint, tokenizer = spec.checkpoint, spec.tokenizer
         if checkpoint is None:
-            from model import demo
+            from griffin_batch.model import demo
 
             checkpoint, tokenizer = demo.demo_checkpoint_path(), demo.demo_tokenizer_path()
         config, params = model.load_checkpoint(
             str(checkpoint), preset=spec.preset, dtype=spec.dtype
         )
         self.tokenizer = model.load_tokenizer(str(tokenizer))
-        self.engine = engine.Engine(
-            config,
-            params,
-            self.tokenizer,
-            engine.EngineConfig(
-                num_slots=spec.num_slots,
-                decode_steps=spec.decode_steps,
-                chunk_size=spec.chunk_size,
-                max_prompt_tokens=spec.max_prompt_tokens,
-            ),
-        )
+        self.engine = engine.Engine(config, params, self.tokenizer, spec.engine)
         self._loop = batching.EngineLoop(self.engine.generate)
-        self.name = _actor_name()
-        self.load_seconds = time.perf_counter() - start
 
     def ready(self) -> dict[str, Any]:
-        """Where this worker runs and what it holds; returns once loading is done."""
+        """Where this worker runs and what it holds; returns once loading is done.
+
+        A load that failed for good (``faults.is_permanent_start_error``: a
+        missing module or checkpoint, an unreadable file, out of memory) comes
+        back as ``{"start_error": "<Type>: <message>", "hostname": ...}``.
+
+        Raises:
+          WorkerLost: Loading failed for a reason another attempt may not meet.
+        """
+        where = {"name": self.name, "hostname": _host(), "pid": os.getpid()}
+        error = self._start_error
+        if error is not None:
+            cause = f"{type(error).__name__}: {error}"
+            if faults.is_permanent_start_error(error):
+                return {**where, "start_error": cause}
+            raise faults.WorkerLost(f"could not start: {cause}")
         import jax
 
         devices = jax.local_devices()
         return {
-            "name": self.name,
-            "hostname": socket.gethostname(),
-            "pid": os.getpid(),
+            **where,
             "node_id": _node_id(),
             "platform": devices[0].platform,
             "devices": len(devices),
             "load_seconds": round(self.load_seconds, 3),
+            # Which copy of the code runs here: an install, or what a job shipped.
+            "code": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         }
 
     def pid(self) -> int:
@@ -210,6 +224,14 @@ def _actor_name() -> str:
     if not ray.is_initialized():
         return "local"
     return ray.get_runtime_context().get_actor_name() or "local"
+
+
+def _host() -> str:
+    """This host's name and, inside Ray, its node address (what ``ray status`` shows)."""
+    import ray
+
+    name = socket.gethostname()
+    return f"{name} ({ray.util.get_node_ip_address()})" if ray.is_initialized() else name
 
 
 def _node_id() -> str | None:

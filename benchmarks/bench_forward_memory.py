@@ -15,8 +15,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from model import griffin
-from model.config import GriffinConfig, griffin_pattern
+from griffin_batch.model import griffin
+from griffin_batch.model.config import GriffinConfig, griffin_pattern
 
 
 def compiled_bytes(config, params, tokens, chunk_size):

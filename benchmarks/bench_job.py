@@ -49,7 +49,7 @@ def build_workload(directory: str, rows: int, seed: int = 0) -> tuple[str, str, 
     import pyarrow.parquet as pq
 
     from benchmarks import common
-    from model import checkpoint, testing
+    from griffin_batch.model import checkpoint, testing
 
     config = common.workload_config()
     rng = random.Random(seed)
@@ -78,8 +78,8 @@ def time_engine(ckpt: str, tokenizer: str, inputs: str, slots: int, max_tokens: 
     """Engine alone: one warm-up pass (compiles), then a timed pass."""
     import pyarrow.parquet as pq
 
-    import model
-    from model import engine, requests
+    from griffin_batch import model
+    from griffin_batch.model import engine, requests
 
     config, params = model.load_checkpoint(ckpt)
     tok = model.load_tokenizer(tokenizer)
@@ -102,8 +102,8 @@ def time_job(
     ckpt: str, tokenizer: str, inputs: str, out: str, slots: int, max_tokens: int, shard_rows: int
 ) -> dict:
     """The whole job on a fresh local Ray cluster with one CPU worker."""
-    from jobs import config as config_lib
-    from jobs import driver
+    from griffin_batch.jobs import config as config_lib
+    from griffin_batch.jobs import driver
 
     config = config_lib.JobConfig(
         io=config_lib.IOConfig(inputs=(inputs,), output=out, shard_rows=shard_rows),

@@ -34,7 +34,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from model import griffin  # noqa: E402
+from griffin_batch.model import griffin  # noqa: E402
 
 WINDOW_ENDS = (1024, 2048, 4096, 8192, 16384)
 DECODE_STEPS = 32

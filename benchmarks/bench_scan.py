@@ -5,7 +5,7 @@ Prints ONE JSON line:
      "repeats": 7, "results": {"reference": {"b8_t1_e2560_ms": ..., ...}, ...}}
 
 Each time is the median over ``--repeats`` calls after one warm-up (compile) call,
-each call ended by ``block_until_ready``. Calls go through ``kernels.rglru_scan`` under
+each call ended by ``block_until_ready``. Calls go through ``griffin_batch.kernels.rglru_scan`` under
 ``jax.jit``, as the model makes them; at t = 1 that is the fused single-step path for
 every implementation, so ``*_direct_ms`` also times the implementation's own scan at
 t = 1 to show what the fast path saves. Pallas kernels are timed only on their own
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.rglru_scan import api
+from griffin_batch.kernels.rglru_scan import api
 
 SHAPES = ((8, 1, 2560), (8, 2048, 512), (1, 16384, 512))
 PORTABLE = ("reference", "sequential", "associative")
@@ -57,7 +57,7 @@ def median_ms(fn, args, repeats: int) -> float:
 
 def bench_implementation(name: str, dtype, repeats: int) -> dict[str, float]:
     through_api = jax.jit(functools.partial(api.rglru_scan, implementation=name))
-    module = importlib.import_module(f"kernels.rglru_scan.{name}")
+    module = importlib.import_module(f"griffin_batch.kernels.rglru_scan.{name}")
     results = {}
     for shape in SHAPES:
         key = "b{}_t{}_e{}".format(*shape)

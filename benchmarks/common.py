@@ -38,10 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 import psutil
 
-from model import testing
-from model.config import GriffinConfig, griffin_pattern
-from model.engine import Engine, EngineConfig, ring_buckets
-from model.requests import Request, SamplingParams
+from griffin_batch.model import testing
+from griffin_batch.model.config import GriffinConfig, griffin_pattern
+from griffin_batch.model.engine import Engine, EngineConfig, ring_buckets
+from griffin_batch.model.requests import Request, SamplingParams
 
 BOS = 2
 
@@ -197,7 +197,7 @@ def hf_model(config: GriffinConfig, params):
     import torch
     from transformers import RecurrentGemmaForCausalLM
 
-    from model import checkpoint
+    from griffin_batch.model import checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "hf")

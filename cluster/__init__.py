@@ -3,6 +3,6 @@
 This package knows Ray and devices, never model internals.
 """
 
-from cluster import connect, faults, hardware, pool
+from griffin_batch.cluster import connect, faults, hardware, pool
 
 __all__ = ["connect", "faults", "hardware", "pool"]

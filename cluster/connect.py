@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import ray
 
-from cluster import faults, hardware
+from griffin_batch.cluster import faults, hardware
 
 # Storage and compilation-cache settings a worker needs to see the same files
 # as the driver: cloud-storage endpoints and credentials, fsspec defaults
@@ -72,8 +72,10 @@ def connect(address: str | None = None) -> Connection:
     """
     if ray.is_initialized():
         return Connection(_gcs_address(), started_local=False, owned=False)
-    # Workers' own log lines still reach the driver; Ray's INFO chatter does not.
-    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
+    # Workers' output stays in Ray's log files (``log_dir()``): a worker that
+    # fails prints pages of Python and C++ stack traces, and the driver reports
+    # what went wrong in one line instead. Ray's INFO chatter is dropped too.
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=False)
     if address is None and os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)  # inside a submitted job: Ray also applies the job's runtime env
         return Connection(_gcs_address(), started_local=False, owned=True)
@@ -123,6 +125,16 @@ def _gcs_address() -> str:
         return ray.get_runtime_context().gcs_address
     except Exception:  # noqa: BLE001 - only used in messages
         return "unknown"
+
+
+def log_dir() -> str:
+    """Where Ray keeps this session's logs (workers' stdout and stderr among them)."""
+    try:
+        from ray._private import worker as ray_worker
+
+        return ray_worker.global_worker.node.get_logs_dir_path()
+    except Exception:  # noqa: BLE001 - a private API; the default location is a fine answer
+        return "/tmp/ray/session_latest/logs"
 
 
 def disconnect(connection: Connection) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from actors import output
-from cluster import faults, hardware
-from model import requests
+from griffin_batch.actors import output
+from griffin_batch.cluster import faults, hardware
+from griffin_batch.model import requests
+from griffin_batch.model.engine_config import EngineConfig
 
 
 class JobInputError(ValueError):
@@ -60,17 +61,9 @@ class ModelConfig:
     chat: bool = False
     """Wrap each prompt in the instruction-tuned chat format."""
 
-    slots: int = 32
-    """Sequences each worker decodes together (continuous batching width)."""
-
-    decode_steps: int = 32
-    """Decode steps per device call."""
-
-    chunk_size: int = 256
-    """Prefill chunk length in tokens."""
-
-    max_prompt_tokens: int = 131_072
-    """Longer prompts become error rows."""
+    engine: EngineConfig = EngineConfig()
+    """Each worker's engine sizing (``--slots``, ``--decode-steps``, ``--chunk-size``,
+    ``--max-prompt-tokens``); longer prompts than ``max_prompt_tokens`` become error rows."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -204,7 +197,7 @@ class JobConfig:
             "preset": m.preset,
             "dtype": m.dtype,
             "chat": m.chat,
-            "max_prompt_tokens": m.max_prompt_tokens,
+            "max_prompt_tokens": m.engine.max_prompt_tokens,
             "sampling": {**dataclasses.asdict(self.sampling), "stop": list(self.sampling.stop)},
         }
 
@@ -236,13 +229,6 @@ def _validate_model(m: ModelConfig) -> None:
         raise JobInputError("--checkpoint needs --tokenizer (the SentencePiece model to use)")
     if m.tokenizer and not m.checkpoint:
         raise JobInputError("--tokenizer needs --checkpoint (without both, the demo model runs)")
-    for option, value in (
-        ("--slots", m.slots),
-        ("--decode-steps", m.decode_steps),
-        ("--chunk-size", m.chunk_size),
-        ("--max-prompt-tokens", m.max_prompt_tokens),
-    ):
-        _positive(value, option)
 
 
 def _validate_cluster(c: ClusterConfig) -> None:

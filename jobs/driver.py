@@ -18,10 +18,10 @@ from typing import Any
 
 import fsspec
 
-from actors import shards, worker
-from cluster import connect, faults, hardware, pool
-from jobs import config as config_lib
-from jobs import manifest, planner, progress, scheduler
+from griffin_batch.actors import shards, worker
+from griffin_batch.cluster import connect, faults, hardware, pool
+from griffin_batch.jobs import config as config_lib
+from griffin_batch.jobs import manifest, planner, progress, scheduler
 
 Say = Callable[[str], None]
 
@@ -34,11 +34,14 @@ class JobResult:
       output: Output directory URL.
       summary: Contents of ``summary.json``.
       succeeded: Every shard is committed.
+      fatal: Why the job stopped early (a worker that cannot start, e.g. a
+        missing package or checkpoint on its host), or None.
     """
 
     output: str
     summary: Mapping[str, Any]
     succeeded: bool
+    fatal: str | None = None
 
 
 def run(config: config_lib.JobConfig, *, say: Say = print) -> JobResult:
@@ -79,7 +82,9 @@ def run(config: config_lib.JobConfig, *, say: Say = print) -> JobResult:
     summary = build_summary(config, plan, run_state, time.monotonic() - start)
     succeeded = not run_state.report.failed
     out.write_summary(summary, success=succeeded)
-    return JobResult(output=out.url, summary=summary, succeeded=succeeded)
+    return JobResult(
+        output=out.url, summary=summary, succeeded=succeeded, fatal=run_state.report.fatal
+    )
 
 
 @dataclasses.dataclass
@@ -116,10 +121,7 @@ def resolve_model(m: config_lib.ModelConfig, say: Say) -> worker.ModelSpec:
         tokenizer=m.tokenizer,
         preset=m.preset,
         dtype=m.dtype,
-        num_slots=m.slots,
-        decode_steps=m.decode_steps,
-        chunk_size=m.chunk_size,
-        max_prompt_tokens=m.max_prompt_tokens,
+        engine=m.engine,
     )
 
 
@@ -202,6 +204,7 @@ def _generate(
     connection = connect.connect(config.cluster.address)
     state.cluster = connection.address
     say(connection.describe())
+    say(f"worker logs (and Ray's own): {connect.log_dir()} on each node")
     try:
         workers = _start_pool(config, model_spec, len(todo), say)
         state.workers = workers.workers
@@ -267,6 +270,7 @@ def build_summary(
     ]
     return {
         "status": "failed" if failures else "succeeded",
+        "fatal": state.report.fatal,
         "output": config.io.output,
         **total,
         "input_rows": plan.total_rows,

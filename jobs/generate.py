@@ -1,11 +1,15 @@
-"""Command line of the batch generation job.
+"""Command line of the batch generation job, ``griffin-batch generate``.
 
-    python -m jobs.generate --input 'gs://bucket/prompts/*.parquet' --output gs://bucket/out \\
+    griffin-batch generate --input 'gs://bucket/prompts/*.parquet' --output gs://bucket/out \\
         --checkpoint gs://bucket/ckpt --tokenizer gs://bucket/tokenizer.model --max-tokens 256
 
-Runs the same under ``ray job submit --working-dir . -- python -m jobs.generate ...``.
+``python -m griffin_batch.jobs.generate`` runs the same, and so does
+``ray job submit -- griffin-batch generate ...`` (see the README).
+
 Exit status: 0 all shards committed; 1 some shard failed (see summary.json);
-2 bad job input or no reachable cluster (nothing started); 130 interrupted (rerun with --resume).
+2 bad job input, no reachable cluster, or a worker that cannot start (a
+missing package or checkpoint on its host: no retry fixes it); 130 interrupted
+(rerun with --resume).
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from jobs import config as config_lib
-from jobs import driver
+from griffin_batch.jobs import config as config_lib
+from griffin_batch.jobs import driver
+from griffin_batch.model import engine_config
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -25,13 +30,21 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (options mirror ``jobs.config.JobConfig``)."""
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.generate",
-        description="Generate completions for Parquet prompts on every accelerator host of a "
-        "Ray cluster; one output Parquet file per input shard, each row once.",
-    )
+DESCRIPTION = (
+    "Generate completions for Parquet prompts on every accelerator host of a "
+    "Ray cluster; one output Parquet file per input shard, each row once."
+)
+
+
+def build_parser(prog: str = "griffin-batch generate") -> argparse.ArgumentParser:
+    """The argument parser (options mirror ``griffin_batch.jobs.config.JobConfig``)."""
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Adds the job's options to ``p`` (a parser or a ``griffin-batch`` subcommand)."""
     io = p.add_argument_group("input and output")
     io.add_argument(
         "--input",
@@ -63,10 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--chat", action="store_true", help="wrap prompts in the instruction-tuned chat format"
     )
-    m.add_argument("--slots", type=int, default=32, help="sequences decoded together per worker")
-    m.add_argument("--decode-steps", type=int, default=32)
-    m.add_argument("--chunk-size", type=int, default=256)
-    m.add_argument("--max-prompt-tokens", type=int, default=131_072)
+    for f in engine_config.job_options():  # defaults live in EngineConfig only
+        m.add_argument(f.metadata["flag"], type=int, default=f.default, help=f.metadata["help"])
     s = p.add_argument_group("sampling (input columns of the same names override per row)")
     s.add_argument("--max-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, default=0.0)
@@ -93,11 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("existing output")
     r.add_argument("--resume", action="store_true", help="continue the job in --output")
     r.add_argument("--overwrite", action="store_true", help="replace what is in --output")
-    return p
 
 
 def config_from_args(a: argparse.Namespace) -> config_lib.JobConfig:
-    """Builds the job config from parsed arguments."""
+    """Builds the job config from parsed arguments.
+
+    Raises:
+      JobInputError: An engine sizing option is out of range (named by its flag).
+    """
+    sizing = {f.name: getattr(a, engine_config.flag_dest(f)) for f in engine_config.job_options()}
+    for f in engine_config.job_options():
+        if sizing[f.name] <= 0:
+            raise config_lib.JobInputError(
+                f"{f.metadata['flag']} must be positive, got {sizing[f.name]}"
+            )
     return config_lib.JobConfig(
         io=config_lib.IOConfig(
             inputs=tuple(a.input),
@@ -113,10 +133,7 @@ def config_from_args(a: argparse.Namespace) -> config_lib.JobConfig:
             preset=a.preset,
             dtype=a.dtype,
             chat=a.chat,
-            slots=a.slots,
-            decode_steps=a.decode_steps,
-            chunk_size=a.chunk_size,
-            max_prompt_tokens=a.max_prompt_tokens,
+            engine=engine_config.EngineConfig(**sizing),
         ),
         sampling=config_lib.SamplingConfig(
             max_tokens=a.max_tokens,
@@ -147,15 +164,18 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the job; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "griffin-batch generate") -> int:
+    """Parses ``argv`` and runs the job; returns the exit status."""
+    return run(build_parser(prog).parse_args(argv), prog)
+
+
+def run(args: argparse.Namespace, prog: str = "griffin-batch generate") -> int:
+    """Runs the job from parsed arguments; returns the exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = driver.run(config_from_args(args), say=_say)
     except (config_lib.JobInputError, ConnectionError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(
@@ -164,15 +184,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_INTERRUPTED
     s = result.summary
+    if result.fatal:
+        print(f"{prog}: error: {result.fatal}", file=sys.stderr)
     print(
-        f"wrote {s['samples']} row(s) for {s['rows']} input row(s) in "
-        f"{s['shards']['committed']} file(s) to {result.output}"
+        f"wrote {s['samples']} output row(s) for {s['rows']} of {s['input_rows']} input row(s); "
+        f"{s['shards']['committed']} of {s['shards']['total']} shard file(s) in {result.output}"
     )
     print(
         f"summary: {result.output.rstrip('/')}/summary.json "
         f"({s['completion_tokens']} tokens, {s['tokens_per_s']} tok/s, "
         f"{s['wall_time_s']}s)"
     )
+    if result.fatal:
+        print(
+            "stopped at the first worker that could not start (a retry cannot fix it); "
+            "fix the cause and rerun with --resume",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
     if not result.succeeded:
         print(
             f"{s['shards']['failed']} shard(s) failed; see summary.json 'failures'; "
@@ -184,4 +213,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m griffin_batch.jobs.generate"))

@@ -24,9 +24,9 @@ from typing import Any
 
 import fsspec
 
-from actors import output, shards
-from jobs import config as config_lib
-from jobs import planner
+from griffin_batch.actors import output, shards
+from griffin_batch.jobs import config as config_lib
+from griffin_batch.jobs import planner
 
 log = logging.getLogger(__name__)
 

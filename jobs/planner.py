@@ -18,8 +18,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from actors import output, rows, shards
-from jobs import config as config_lib
+from griffin_batch.actors import output, rows, shards
+from griffin_batch.jobs import config as config_lib
 
 _GLOB_CHARS = "*?["
 _METADATA_THREADS = 16  # footers come from object stores; latency, not bandwidth, bounds this

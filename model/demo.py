@@ -7,12 +7,12 @@ produces fluent-looking gibberish, never meaningful text.
 
 * ``tokenizer.model``: SentencePiece, vocabulary 1024, Gemma-like special ids
   (pad 0, eos 1, bos 2, unk 3, ``<start_of_turn>``, ``<end_of_turn>``), byte
-  fallback, trained on ``model.testing.corpus()``.
+  fallback, trained on ``griffin_batch.model.testing.corpus()``.
 * ``checkpoint/``: Hugging Face format (``config.json`` + ``model.safetensors``,
   bfloat16): width 128, 6 blocks (recurrent, recurrent, attention) x 2, 4 heads,
   MLP 384, attention window 128, logits soft-cap 30.
 
-Both are regenerated bit for bit by ``python -m model.demo`` (see
+Both are regenerated bit for bit by ``python -m griffin_batch.model.demo`` (see
 ``write_demo_assets``).
 """
 
@@ -22,8 +22,8 @@ import os
 
 import ml_dtypes
 
-from model import checkpoint, testing
-from model.config import GriffinConfig, griffin_pattern
+from griffin_batch.model import checkpoint, testing
+from griffin_batch.model.config import GriffinConfig, griffin_pattern
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
 DEMO_VOCAB_SIZE = 1024

@@ -32,64 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import array_typing as at
-from model import griffin, sharding
-from model.config import GriffinConfig
-from model.requests import Completion, Request, RequestError, SamplingParams
-from model.sampling import RowParams, sample_tokens
-from model.textstream import TextStream
+from griffin_batch.model import array_typing as at
+from griffin_batch.model import griffin, sharding
+from griffin_batch.model.config import GriffinConfig
+from griffin_batch.model.engine_config import EngineConfig
+from griffin_batch.model.requests import Completion, Request, RequestError, SamplingParams
+from griffin_batch.model.sampling import RowParams, sample_tokens
+from griffin_batch.model.textstream import TextStream
 
 _MIN_CHUNK = 16  # smallest prefill chunk bucket
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EngineConfig:
-    """Engine sizing.
-
-    Attributes:
-      num_slots: Sequences decoded together. Must be a multiple of the number
-        of devices the engine spans.
-      decode_steps: Decode steps per compiled call (K); tokens leave the device
-        every K steps.
-      chunk_size: Prefill chunk length (C); prefill memory is O(C x (window + C)).
-      prefill_batch: Most prompts prefilled together in one group.
-      prefill_chunks_per_round: Most prefill chunks run between two decode
-        rounds; bounds how long decoding slots wait for new prompts.
-      max_prompt_tokens: Longer prompts are rejected per request.
-      min_ring: Smallest attention-ring bucket; decode attends only to the
-        filled part of the window, rounded up to a bucket (``ring_buckets``).
-      longest_first: Admit the pending request with the largest ``max_tokens``
-        first (among ``lookahead`` pulled ahead). Long requests then start
-        early instead of forming a tail after the short ones are done, which
-        is what bounds a batch's total time; outputs do not depend on the
-        order. False: arrival order.
-      lookahead: Requests pulled ahead of admission for ``longest_first``
-        (None: 4 x num_slots). Bounds host memory for unbounded iterables.
-      scan_implementation: RG-LRU scan backend (None: auto).
-      num_devices: Local devices the engine spans (None: all).
-      model_parallel: Devices each parameter is split over (tensor
-        parallelism); slots are split over the remaining factor.
-    """
-
-    num_slots: int = 32
-    decode_steps: int = 32
-    chunk_size: int = 256
-    prefill_batch: int = 8
-    prefill_chunks_per_round: int = 4
-    max_prompt_tokens: int = 131_072
-    min_ring: int = 256
-    longest_first: bool = True
-    lookahead: int | None = None
-    scan_implementation: str | None = None
-    num_devices: int | None = None
-    model_parallel: int = 1
-
-    def __post_init__(self):
-        for name in ("num_slots", "decode_steps", "chunk_size", "prefill_batch",
-                     "prefill_chunks_per_round",
-                     "max_prompt_tokens", "min_ring"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass
@@ -247,7 +198,7 @@ class Engine:
     Args:
       config: Model hyper-parameters.
       params: Parameter tree (its dtype is the compute dtype).
-      tokenizer: ``model.tokenizer.Tokenizer``.
+      tokenizer: ``griffin_batch.model.tokenizer.Tokenizer``.
       engine_config: Sizing; see ``EngineConfig``.
     """
 

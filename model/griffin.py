@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from model import array_typing as at
-from model import layers
-from model.config import ATTENTION, RECURRENT, GriffinConfig
+from griffin_batch.model import array_typing as at
+from griffin_batch.model import layers
+from griffin_batch.model.config import ATTENTION, RECURRENT, GriffinConfig
 
 Cache = tuple[layers.BlockCache, ...]
 
@@ -69,7 +69,7 @@ class Griffin(nn.Module):
 
     Attributes:
       config: Architecture hyper-parameters.
-      scan_implementation: RG-LRU scan backend (see ``kernels.rglru_scan``).
+      scan_implementation: RG-LRU scan backend (see ``griffin_batch.kernels.rglru_scan``).
     """
 
     config: GriffinConfig

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from kernels import rglru_scan
-from model import array_typing as at
+from griffin_batch.kernels.rglru_scan import rglru_scan
+from griffin_batch.model import array_typing as at
 
 # Masked attention logits; the reference's constant, so softmax ties match.
 _MIN_LOGITS_VALUE = -2.3819763e38

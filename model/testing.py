@@ -3,7 +3,7 @@
 Nothing here downloads anything. The corpus is embedded and procedurally
 extended with a seeded generator, the tokenizer is trained on it in well under
 a second, and random parameters are drawn with NumPy from the shapes in
-``model.checkpoint.param_shapes``, so the same call gives the same bytes on any
+``griffin_batch.model.checkpoint.param_shapes``, so the same call gives the same bytes on any
 machine.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from model import checkpoint
-from model.config import GriffinConfig, griffin_pattern
-from model.tokenizer import END_OF_TURN, START_OF_TURN
+from griffin_batch.model import checkpoint
+from griffin_batch.model.config import GriffinConfig, griffin_pattern
+from griffin_batch.model.tokenizer import END_OF_TURN, START_OF_TURN
 
 _PARAGRAPHS = """\
 The lighthouse keeper climbed the narrow stairs every evening at dusk. He carried a lamp, a

@@ -151,8 +151,8 @@ def _wait_http(endpoint: str, proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")
 def demo_model() -> tuple[Any, Any, Any]:
     """``(config, params, tokenizer)`` of the bundled demo model, loaded in this process."""
-    import model
-    from model import demo
+    from griffin_batch import model
+    from griffin_batch.model import demo
 
     config, params = model.load_checkpoint(demo.demo_checkpoint_path())
     return config, params, model.load_tokenizer(demo.demo_tokenizer_path())

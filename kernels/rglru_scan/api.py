@@ -27,7 +27,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from kernels.rglru_scan import block_sizes as bs
+from griffin_batch.kernels.rglru_scan import block_sizes as bs
 
 IMPLEMENTATIONS = ("reference", "sequential", "associative", "pallas_tpu", "pallas_gpu")
 _AUTO = (None, "auto")
@@ -47,7 +47,7 @@ _INPUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # ``associative`` makes ~2 log2(t) passes over the data. bfloat16 widens the gap (the
 # reference's bfloat16 scan takes seconds). Pallas kernels only run interpreted on CPU.
 _CPU_CHOICE = "sequential"
-_MODULES = {name: f"kernels.rglru_scan.{name}" for name in IMPLEMENTATIONS}
+_MODULES = {name: f"griffin_batch.kernels.rglru_scan.{name}" for name in IMPLEMENTATIONS}
 
 _log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.rglru_scan import block_sizes as bs
+from griffin_batch.kernels.rglru_scan import block_sizes as bs
 
 
 def combine(

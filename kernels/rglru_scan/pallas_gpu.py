@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.rglru_scan import block_sizes as bs
+from griffin_batch.kernels.rglru_scan import block_sizes as bs
 
 
 def _scan_kernel(x_ref, a_ref, h0_ref, y_ref, h_last_ref):

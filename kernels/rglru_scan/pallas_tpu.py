@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.rglru_scan import block_sizes as bs
+from griffin_batch.kernels.rglru_scan import block_sizes as bs
 
 LANES = bs.TPU_LANES
 # Steps unrolled per fori_loop iteration: hides the scalar loop overhead.

@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from actors import output, rows, shards
-from model import requests
+from griffin_batch.actors import output, rows, shards
+from griffin_batch.model import requests
 
 
 def _spec(path="/data/prompts.parquet", num_rows=4, **kw) -> shards.ShardSpec:

@@ -8,10 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import model
-from actors import output, rows, shards, worker
-from cluster import faults
-from model import requests
+from griffin_batch import model
+from griffin_batch.actors import output, rows, shards, worker
+from griffin_batch.cluster import faults
+from griffin_batch.model import requests
+from griffin_batch.model.engine_config import EngineConfig
 
 MAX_TOKENS = 8
 MAX_PROMPT_TOKENS = 64
@@ -20,7 +21,9 @@ MAX_PROMPT_TOKENS = 64
 @pytest.fixture(scope="module")
 def gen_worker(jax_cache) -> worker.GenerationWorker:
     return worker.GenerationWorker(
-        worker.ModelSpec(num_slots=4, decode_steps=8, max_prompt_tokens=MAX_PROMPT_TOKENS)
+        worker.ModelSpec(
+            engine=EngineConfig(num_slots=4, decode_steps=8, max_prompt_tokens=MAX_PROMPT_TOKENS)
+        )
     )
 
 
@@ -140,7 +143,7 @@ def test_inline_rows_from_a_process_local_file(write_parquet, prompts, gen_worke
 
 
 def test_a_dead_engine_is_fatal(tmp_path, write_parquet, prompts):
-    broken = worker.GenerationWorker(worker.ModelSpec(num_slots=4, decode_steps=8))
+    broken = worker.GenerationWorker(worker.ModelSpec(engine=EngineConfig(num_slots=4, decode_steps=8)))
     jax.tree.map(lambda x: x.delete(), broken.engine.params)  # as if the device went away
     path = write_parquet(str(tmp_path / "in.parquet"), {"prompt": prompts[:2]})
     with pytest.raises(faults.WorkerLost, match="engine stopped"):

@@ -8,7 +8,7 @@ import pytest
 import ray
 import ray.cloudpickle
 
-from cluster import faults
+from griffin_batch.cluster import faults
 
 # Workers cannot import test modules; ship this module's classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cluster import hardware
+from griffin_batch.cluster import hardware
 
 
 def _node(i: int, **resources: float) -> hardware.Node:

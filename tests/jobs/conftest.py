@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from jobs import config as config_lib
+from griffin_batch.jobs import config as config_lib
+from griffin_batch.model.engine_config import EngineConfig
 
 # Small everywhere: the engine compiles per shape, and 2 CPU cores run everything.
 SLOTS, DECODE_STEPS, MAX_TOKENS = 4, 8, 8
@@ -26,7 +27,9 @@ def job_config(ray_address) -> Callable[..., config_lib.JobConfig]:
                 shard_rows=shard_rows,
                 keep_columns=tuple(keep_columns),
             ),
-            model=config_lib.ModelConfig(slots=SLOTS, decode_steps=DECODE_STEPS),
+            model=config_lib.ModelConfig(
+                engine=EngineConfig(num_slots=SLOTS, decode_steps=DECODE_STEPS)
+            ),
             sampling=sampling or config_lib.SamplingConfig(max_tokens=MAX_TOKENS),
             cluster=config_lib.ClusterConfig(
                 address=ray_address, workers=workers, accelerator="cpu", **cluster

@@ -10,7 +10,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs import manifest
+from griffin_batch.jobs import manifest
 
 POLL_S = 0.05
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from jobs import generate
+from griffin_batch.jobs import generate
 
 
 def _run(capsys, *argv) -> tuple[int, str]:
@@ -69,7 +69,7 @@ def test_input_is_checked_before_ray_is_contacted(tmp_path):
         [
             sys.executable,
             "-m",
-            "jobs.generate",
+            "griffin_batch.jobs.generate",
             "--input",
             str(tmp_path / "missing.parquet"),
             "--output",

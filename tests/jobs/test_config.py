@@ -4,9 +4,10 @@ import dataclasses
 
 import pytest
 
-from cluster import hardware
-from jobs import config as config_lib
-from jobs import driver
+from griffin_batch.cluster import hardware
+from griffin_batch.jobs import config as config_lib
+from griffin_batch.jobs import driver, generate
+from griffin_batch.model.engine_config import EngineConfig
 
 IO = config_lib.IOConfig(inputs=("in.parquet",), output="out")
 
@@ -33,7 +34,6 @@ def test_defaults_validate_and_are_frozen():
             r"--keep-columns \['completion'\] collide with output columns",
         ),
         ({"model": config_lib.ModelConfig(checkpoint="ckpt")}, "--checkpoint needs --tokenizer"),
-        ({"model": config_lib.ModelConfig(slots=0)}, "--slots must be positive"),
         (
             {"sampling": config_lib.SamplingConfig(temperature=-1.0)},
             "invalid sampling option: temperature must be >= 0",
@@ -61,7 +61,7 @@ def test_inconsistent_options_are_named(groups, message):
 
 def test_fingerprint_holds_only_output_deciding_options():
     a = _job(cluster=config_lib.ClusterConfig(workers=1))
-    b = _job(cluster=config_lib.ClusterConfig(workers=8), model=config_lib.ModelConfig(slots=4))
+    b = _job(cluster=config_lib.ClusterConfig(workers=8), model=config_lib.ModelConfig(engine=EngineConfig(num_slots=4)))
     assert a.fingerprint() == b.fingerprint()
     c = _job(sampling=config_lib.SamplingConfig(max_tokens=9))
     assert (
@@ -105,3 +105,28 @@ def test_worker_count(capacity, cluster, todo, expected):
 def test_cluster_too_small_is_named(capacity, cluster, message):
     with pytest.raises(config_lib.JobInputError, match=message):
         driver.worker_count(_spec(capacity), cluster, 10)
+
+
+def test_engine_sizing_errors_name_the_flag():
+    with pytest.raises(ValueError, match=r"EngineConfig.num_slots \(--slots\) must be positive"):
+        EngineConfig(num_slots=0)
+    with pytest.raises(config_lib.JobInputError, match="--chunk-size must be positive, got 0"):
+        generate.config_from_args(
+            generate.build_parser().parse_args(["--input", "x", "--output", "y", "--chunk-size", "0"])
+        )
+
+
+def test_engine_defaults_have_one_source():
+    """The CLI, the job config and the worker spec all take the engine's defaults from EngineConfig."""
+    args = generate.build_parser().parse_args(["--input", "x", "--output", "y"])
+    job = generate.config_from_args(args)
+    assert job.model.engine == EngineConfig()
+    assert driver.worker.ModelSpec().engine == EngineConfig()
+    spec = driver.resolve_model(job.model, say=lambda _: None)
+    assert spec.engine == EngineConfig()
+    custom = generate.config_from_args(
+        generate.build_parser().parse_args(
+            ["--input", "x", "--output", "y", "--slots", "8", "--max-prompt-tokens", "99"]
+        )
+    )
+    assert custom.model.engine == EngineConfig(num_slots=8, max_prompt_tokens=99)

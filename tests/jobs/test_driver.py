@@ -11,9 +11,9 @@ import pytest
 import ray
 from job_helpers import assert_exactly_once, committed_shards, read_output, wait_for
 
-import model
-from jobs import driver, generate
-from jobs import manifest as manifest_lib
+from griffin_batch import model
+from griffin_batch.jobs import driver, generate
+from griffin_batch.jobs import manifest as manifest_lib
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

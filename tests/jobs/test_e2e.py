@@ -10,8 +10,8 @@ import sys
 import pytest
 from job_helpers import assert_exactly_once, committed_shards, read_output, wait_for
 
-import model
-from jobs import manifest
+from griffin_batch import model
+from griffin_batch.jobs import manifest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -24,7 +24,7 @@ def _command(inputs: str, out: str, address: str, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "jobs.generate",
+        "griffin_batch.jobs.generate",
         "--input",
         inputs,
         "--output",

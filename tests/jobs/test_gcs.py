@@ -5,8 +5,8 @@ import json
 import pytest
 from job_helpers import assert_exactly_once, read_output
 
-from jobs import config as config_lib
-from jobs import driver, manifest
+from griffin_batch.jobs import config as config_lib
+from griffin_batch.jobs import driver, manifest
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from actors import output, shards
-from jobs import config as config_lib
-from jobs import manifest, planner
+from griffin_batch.actors import output, shards
+from griffin_batch.jobs import config as config_lib
+from griffin_batch.jobs import manifest, planner
 
 FINGERPRINT = {"sampling": {"max_tokens": 8}, "prompt_column": "prompt"}
 

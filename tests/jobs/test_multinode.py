@@ -9,7 +9,7 @@ import sys
 import pytest
 from job_helpers import assert_exactly_once, committed_shards, read_output, wait_for
 
-from jobs import manifest
+from griffin_batch.jobs import manifest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -48,7 +48,7 @@ def test_lost_tpu_host_loses_no_rows(tmp_path, write_parquet, prompts, tpu_clust
             [
                 sys.executable,
                 "-m",
-                "jobs.generate",
+                "griffin_batch.jobs.generate",
                 "--input",
                 inputs,
                 "--output",

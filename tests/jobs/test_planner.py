@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from actors import shards
-from jobs import config as config_lib
-from jobs import planner
+from griffin_batch.actors import shards
+from griffin_batch.jobs import config as config_lib
+from griffin_batch.jobs import planner
 
 SAMPLING = config_lib.SamplingConfig()
 

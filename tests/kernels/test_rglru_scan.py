@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from jax import export
 
-import kernels
-from kernels.rglru_scan import api, reference
-from kernels.rglru_scan import block_sizes as bs
+from griffin_batch.kernels import rglru_scan as rglru_scan_pkg
+from griffin_batch.kernels.rglru_scan import api, reference
+from griffin_batch.kernels.rglru_scan import block_sizes as bs
 
 # Tolerances, in one place: |actual - oracle| <= atol + rtol * |oracle|, elementwise.
 # float32: every implementation accumulates in float32 like the oracle; only the order of
@@ -123,7 +123,7 @@ def test_single_step_without_the_fast_path(impl):
     """The api routes t = 1 to one fused multiply-add; the kernels must still handle it."""
     b, e = SHAPES[impl]
     x, a, h0 = make_inputs(b, 1, e, jnp.float32, seed=1)
-    module = importlib.import_module(f"kernels.rglru_scan.{impl}")
+    module = importlib.import_module(f"griffin_batch.kernels.rglru_scan.{impl}")
     y, h_last = module.scan(x, a, h0, interpret=impl in PALLAS)
     expected = a[:, 0] * h0 + x[:, 0]
     assert_close(y[:, 0], expected, jnp.float32, f"{impl} y")
@@ -138,7 +138,7 @@ def _loops_in(fn, *args) -> list[str]:
 @pytest.mark.parametrize("impl", ["reference", "sequential", "associative", "auto"])
 def test_decode_fast_path_is_one_multiply_add(impl):
     x, a, h0 = make_inputs(4, 2, 256, jnp.bfloat16, seed=2)
-    scan = functools.partial(kernels.rglru_scan, implementation=impl)
+    scan = functools.partial(rglru_scan_pkg.rglru_scan, implementation=impl)
     y, h_last = scan(x[:, :1], a[:, :1], h0)
     expected = a[:, 0].astype(jnp.float32) * h0 + x[:, 0].astype(jnp.float32)
     # Compiled, the multiply-add fuses into one rounding; the eager oracle rounds twice.
@@ -345,13 +345,13 @@ def test_auto_choice_per_platform():
 
 
 def test_public_surface_and_lazy_imports():
-    assert kernels.rglru_scan is api.rglru_scan
-    assert set(kernels.__all__) >= {"rglru_scan"}
+    assert rglru_scan_pkg.rglru_scan is api.rglru_scan
+    assert set(rglru_scan_pkg.__all__) >= {"rglru_scan"}
     code = (
-        "import sys, kernels; "
+        "import sys, griffin_batch.kernels.rglru_scan; "
         "assert not any(m.startswith('jax.experimental.pallas') for m in sys.modules), "
         "sorted(m for m in sys.modules if 'pallas' in m); "
-        "assert 'kernels.rglru_scan.pallas_tpu' not in sys.modules"
+        "assert 'griffin_batch.kernels.rglru_scan.pallas_tpu' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
@@ -362,7 +362,7 @@ def test_public_surface_and_lazy_imports():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pallas_tpu_lowers_for_tpu(dtype):
     """Cross-lowers on any host: Mosaic's block-shape rules are checked at this stage."""
-    from kernels.rglru_scan import pallas_tpu
+    from griffin_batch.kernels.rglru_scan import pallas_tpu
 
     x = jax.ShapeDtypeStruct((8, 300, 2560), dtype)
     h0 = jax.ShapeDtypeStruct((8, 2560), jnp.float32)
@@ -378,7 +378,7 @@ def test_pallas_tpu_under_the_tpu_interpreter():
     """
     from jax.experimental.pallas import tpu as pltpu
 
-    from kernels.rglru_scan import pallas_tpu
+    from griffin_batch.kernels.rglru_scan import pallas_tpu
 
     x, a, h0 = make_inputs(4, 37, 200, jnp.float32, seed=8)
     params = pltpu.InterpretParams(uninitialized_memory="nan")
@@ -389,7 +389,7 @@ def test_pallas_tpu_under_the_tpu_interpreter():
 
 
 def test_pallas_gpu_lowers_for_cuda():
-    from kernels.rglru_scan import pallas_gpu
+    from griffin_batch.kernels.rglru_scan import pallas_gpu
 
     x = jax.ShapeDtypeStruct((8, 300, 2560), jnp.bfloat16)
     h0 = jax.ShapeDtypeStruct((8, 2560), jnp.float32)

@@ -18,9 +18,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import safetensors
+import safetensors.numpy
 
-from model import checkpoint, demo, hf_checkpoint, testing
-from model.config import GriffinConfig, Preset
+from griffin_batch.model import checkpoint, demo, testing
+from griffin_batch.model.checkpoint import common, hf_format
+from griffin_batch.model.config import GriffinConfig, Preset
 
 # float32 logits of two implementations of the same model agree to this (max abs).
 LOGITS_ATOL = 1e-4
@@ -79,7 +81,7 @@ def _max_diff(a, b) -> float:
 
 
 def _hyper_json(config: GriffinConfig) -> dict:
-    return {k: v for k, v in config.to_dict().items() if k in checkpoint._HYPER_FIELDS}
+    return {k: v for k, v in config.to_dict().items() if k in common.HYPER_FIELDS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,6 +100,27 @@ def test_param_shapes_match_reference_init(name):
     assert ref_shapes == dict(testing.iter_leaves(checkpoint.param_shapes(config)))
     inferred = checkpoint.infer_shape_fields(testing.random_params(config), source="x")
     assert GriffinConfig(**{**config.to_dict(), **inferred}) == config
+
+
+@pytest.mark.parametrize("module", ["common", "orbax_format", "hf_format"])
+def test_format_modules_build_only_on_common(module):
+    # The layering that keeps the package free of import circles: a format module imports
+    # common and nothing else of the package; common imports nothing of it.
+    import ast
+
+    path = os.path.join(os.path.dirname(checkpoint.__file__), f"{module}.py")
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {
+        f"{n.module}.{a.name}"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and n.module
+        for a in n.names
+    }
+    package = "griffin_batch.model.checkpoint"
+    inside = {n for n in names if n.startswith(f"{package}.")}
+    assert inside == (set() if module == "common" else {f"{package}.common"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +172,7 @@ def test_reference_saved_checkpoint_loads_with_config_json(reference_orbax, name
 
 @pytest.mark.parametrize("name", ["griffin", "irregular"])
 def test_forward_logits_on_loaded_checkpoint_matches_reference(reference_orbax, name):
-    import model as model_pkg
+    import griffin_batch.model as model_pkg
 
     path, config, params = reference_orbax[name]
     loaded_config, loaded = _load_with_hypers(path, config)
@@ -176,7 +199,7 @@ def test_hyper_parameters_from_preset_or_missing(reference_orbax):
 def test_preset_supplies_hyper_parameters(tmp_path, monkeypatch):
     # Real presets are too big to build here, so shrink Hawk-7B's shapes in the preset table:
     # the hyper-parameters (window, soft-cap, embedding scale) then come from the preset.
-    from model import config as config_module
+    from griffin_batch.model import config as config_module
 
     small = Preset.HAWK_7B.config(vocab_size=32).replace(
         width=32, mlp_expanded_width=96, num_heads=2, lru_width=64, block_types=("recurrent",) * 2
@@ -208,6 +231,10 @@ def test_orbax_round_trip_and_dtype(tmp_path):
     assert {x.dtype for x in jax.tree.leaves(f32)} == {jnp.dtype(jnp.float32)}
     with pytest.raises(FileExistsError):
         checkpoint.save_checkpoint(path, config, params)
+    # An unknown format is refused before overwrite=True removes anything.
+    with pytest.raises(ValueError, match=r"unknown checkpoint format 'zip'; expected 'orbax' or"):
+        checkpoint.save_checkpoint(path, config, params, format="zip", overwrite=True)
+    assert checkpoint.detect_format(path) == checkpoint.ORBAX
 
 
 def test_attention_only_model_round_trips(tmp_path):
@@ -259,7 +286,7 @@ def hf_model(tmp_path_factory):
     return {"single": single, "sharded": sharded, "tokens": tokens, "logits": logits}
 
 
-def test_hf_checkpoint_matches_transformers(hf_model):
+def test_hf_load_matches_transformers(hf_model):
     config, params = checkpoint.load_checkpoint(hf_model["single"])
     assert config == GriffinConfig(
         vocab_size=256,
@@ -284,7 +311,7 @@ def test_our_model_matches_transformers_within_window_and_past_it(hf_model):
     import torch
     import transformers
 
-    import model as model_pkg
+    import griffin_batch.model as model_pkg
 
     config, params = checkpoint.load_checkpoint(hf_model["single"])
     ours = model_pkg.forward_logits(config, params, hf_model["tokens"])
@@ -348,13 +375,13 @@ def test_hf_bfloat16_and_untied_head(tmp_path):
     _, loaded = checkpoint.load_checkpoint(path)
     _assert_trees_equal(loaded, params)
     # A tied lm_head stored explicitly is fine; a different one is refused.
-    flat = hf_checkpoint.params_to_hf(config, dict(testing.iter_leaves(params)))
+    flat = hf_format.params_to_hf(config, dict(testing.iter_leaves(params)))
     flat["lm_head.weight"] = flat["model.embed_tokens.weight"]
     fs = fsspec.filesystem("file")
-    hf_checkpoint.write_safetensors(fs, f"{path}/model.safetensors", flat)
+    hf_format.write_safetensors(fs, f"{path}/model.safetensors", flat)
     checkpoint.load_checkpoint(path)
     flat["lm_head.weight"] = flat["lm_head.weight"] + np.ones((), ml_dtypes.bfloat16)
-    hf_checkpoint.write_safetensors(fs, f"{path}/model.safetensors", flat)
+    hf_format.write_safetensors(fs, f"{path}/model.safetensors", flat)
     with pytest.raises(checkpoint.CheckpointError, match="lm_head.weight differs"):
         checkpoint.load_checkpoint(path)
 
@@ -433,7 +460,7 @@ def test_missing_and_unknown_directories(tmp_path):
 
 
 def _save_orbax_flat(path, config, flat, hypers=True):
-    ocp.PyTreeCheckpointer().save(path, {"params": checkpoint._unflatten(flat)})
+    ocp.PyTreeCheckpointer().save(path, {"params": common.unflatten(flat)})
     if hypers:
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(_hyper_json(config), f)
@@ -484,7 +511,7 @@ def test_orbax_shape_and_key_errors(tmp_path):
 
 def test_hf_shape_and_config_errors(hf_model, tmp_path):
     config = CONFIGS["griffin"]
-    flat = hf_checkpoint.params_to_hf(
+    flat = hf_format.params_to_hf(
         config, dict(testing.iter_leaves(testing.random_params(config)))
     )
     fs = fsspec.filesystem("file")
@@ -492,10 +519,10 @@ def test_hf_shape_and_config_errors(hf_model, tmp_path):
     def write(name, tensors, hf_config=None):
         path = tmp_path / name
         path.mkdir()
-        hf_checkpoint.write_safetensors(fs, str(path / "model.safetensors"), tensors)
+        hf_format.write_safetensors(fs, str(path / "model.safetensors"), tensors)
         if hf_config is not False:
             with open(path / "config.json", "w") as f:
-                json.dump(hf_config or hf_checkpoint.hf_config_dict(config), f)
+                json.dump(hf_config or hf_format.hf_config_dict(config), f)
         return str(path)
 
     bad = dict(flat)
@@ -519,11 +546,11 @@ def test_hf_shape_and_config_errors(hf_model, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"unexpected tensor .*surprise"):
         checkpoint.load_checkpoint(write("extra", extra))
 
-    kv = {**hf_checkpoint.hf_config_dict(config), "num_key_value_heads": 4}
+    kv = {**hf_format.hf_config_dict(config), "num_key_value_heads": 4}
     with pytest.raises(checkpoint.CheckpointError, match="num_key_value_heads=4 is not supported"):
         checkpoint.load_checkpoint(write("kv", flat, kv))
 
-    wide = {**hf_checkpoint.hf_config_dict(config), "hidden_size": 128}
+    wide = {**hf_format.hf_config_dict(config), "hidden_size": 128}
     with pytest.raises(
         checkpoint.CheckpointError,
         match=r"width is 128 in .*config\.json but the parameters have 64",
@@ -547,18 +574,18 @@ def test_hf_shape_and_config_errors(hf_model, tmp_path):
 
 def test_safetensors_file_errors(tmp_path):
     config = CONFIGS["griffin"]
-    flat = hf_checkpoint.params_to_hf(
+    flat = hf_format.params_to_hf(
         config, dict(testing.iter_leaves(testing.random_params(config)))
     )
     fs = fsspec.filesystem("file")
     good = tmp_path / "good.safetensors"
-    hf_checkpoint.write_safetensors(fs, str(good), flat)
+    hf_format.write_safetensors(fs, str(good), flat)
 
     def write(name, data):
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_bytes(data)
         (tmp_path / name / "config.json").write_text(
-            json.dumps(hf_checkpoint.hf_config_dict(config))
+            json.dumps(hf_format.hf_config_dict(config))
         )
         return str(tmp_path / name)
 
@@ -573,11 +600,11 @@ def test_safetensors_file_errors(tmp_path):
 
     # Strided views are written by value, not as their underlying buffer.
     base = np.arange(6, dtype=np.float32).reshape(2, 3)
-    hf_checkpoint.write_safetensors(fs, str(tmp_path / "t.safetensors"), {"t": base.T})
+    hf_format.write_safetensors(fs, str(tmp_path / "t.safetensors"), {"t": base.T})
     with safetensors.safe_open(str(tmp_path / "t.safetensors"), framework="numpy") as f:
         np.testing.assert_array_equal(f.get_tensor("t"), base.T)
     with pytest.raises(checkpoint.CheckpointError, match=r"bad\.safetensors: .*complex128"):
-        hf_checkpoint.write_safetensors(
+        hf_format.write_safetensors(
             fs, str(tmp_path / "bad.safetensors"), {"z": np.zeros(2, np.complex128)}
         )
 
@@ -587,7 +614,7 @@ def test_safetensors_file_errors(tmp_path):
 
 
 def test_demo_assets_load_and_are_reproducible(tmp_path):
-    from model import tokenizer
+    from griffin_batch.model import tokenizer
 
     config, params = checkpoint.load_checkpoint(demo.demo_checkpoint_path())
     assert config == demo.DEMO_CONFIG
@@ -597,9 +624,25 @@ def test_demo_assets_load_and_are_reproducible(tmp_path):
     assert tok.end_of_turn_id is not None
 
     demo.write_demo_assets(str(tmp_path))
-    for name in ("checkpoint/config.json", "checkpoint/model.safetensors"):
-        with open(os.path.join(demo.DEMO_DIR, name), "rb") as a, open(tmp_path / name, "rb") as b:
-            assert a.read() == b.read(), f"{name} is not reproduced by write_demo_assets"
+    name = "checkpoint/config.json"
+    with open(os.path.join(demo.DEMO_DIR, name), "rb") as a, open(tmp_path / name, "rb") as b:
+        assert a.read() == b.read(), f"{name} is not reproduced by write_demo_assets"
+    # Weights are drawn in float32 and rounded to bfloat16; JAX releases and CPUs may differ
+    # in the last float32 bit, which flips a rare rounding. Tolerance: one bfloat16 ulp.
+    name = "checkpoint/model.safetensors"
+    shipped = safetensors.numpy.load_file(os.path.join(demo.DEMO_DIR, name))
+    fresh_weights = safetensors.numpy.load_file(str(tmp_path / name))
+    assert shipped.keys() == fresh_weights.keys()
+    flipped = 0
+    for key, want in shipped.items():
+        got = fresh_weights[key]
+        assert got.dtype == want.dtype and got.shape == want.shape, key
+        a, b = want.astype(np.float32), got.astype(np.float32)
+        np.testing.assert_allclose(b, a, rtol=2.0**-7, atol=0, err_msg=key)
+        flipped += int((a != b).sum())
+    total = sum(v.size for v in shipped.values())
+    print(f"demo weights re-drawn: {flipped} of {total} values differ, each by <= 1 bf16 ulp")
+    assert flipped <= total // 10_000
     fresh = tokenizer.load_tokenizer(str(tmp_path / "tokenizer.model"))
     pieces = lambda t: [t.id_to_piece(i) for i in range(t.vocab_size)]  # noqa: E731
     assert pieces(fresh) == pieces(tok)

@@ -23,10 +23,10 @@ import jax
 import numpy as np
 import pytest
 
-from model import griffin, testing
-from model import tokenizer as tokenizer_lib
-from model.engine import Chunk, Engine, EngineConfig, sample
-from model.requests import Completion, Request, SamplingParams
+from griffin_batch.model import griffin, testing
+from griffin_batch.model import tokenizer as tokenizer_lib
+from griffin_batch.model.engine import Chunk, Engine, EngineConfig, sample
+from griffin_batch.model.requests import Completion, Request, SamplingParams
 
 LOGPROB_TOL = 1e-4
 VOCAB = 512
@@ -208,7 +208,7 @@ def test_different_seeds_and_samples_differ(model):
 
 
 def test_samples_of_one_request_share_one_prefill(model, greedy, monkeypatch):
-    from model import engine as engine_lib
+    from griffin_batch.model import engine as engine_lib
 
     rows = []
     real = engine_lib._prefill_chunk

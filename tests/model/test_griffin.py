@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from recurrentgemma import jax as rg
 
-from model import griffin
-from model.config import ATTENTION, RECURRENT, GriffinConfig
+from griffin_batch.model import griffin
+from griffin_batch.model.config import ATTENTION, RECURRENT, GriffinConfig
 
 F32_TOL = 1e-4
 BF16_RATIO = 1.5
@@ -58,7 +58,7 @@ def noisy_params(cfg: GriffinConfig, seed: int = 0, scale: float = 0.2):
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
     return jax.tree.unflatten(
-        tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+        tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)])
 
 
 @functools.cache
@@ -140,7 +140,7 @@ def test_padding_leaves_state_untouched():
                                                                             (2, 10)), None)
     idle = jnp.full((2, 4), -1, jnp.int32)
     _, after = griffin.apply(cfg, params, tokens[:, 10:14], idle, cache)
-    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(after)):
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(after), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import sampling
-from model.sampling import RowParams, _filter_top_k_top_p, token_keys
+from griffin_batch.model import sampling
+from griffin_batch.model.sampling import RowParams, _filter_top_k_top_p, token_keys
 
 VOCAB = 64
 DRAWS = 4000

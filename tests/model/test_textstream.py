@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from model import testing
-from model import tokenizer as tokenizer_lib
-from model.textstream import TextStream
+from griffin_batch.model import testing
+from griffin_batch.model import tokenizer as tokenizer_lib
+from griffin_batch.model.textstream import TextStream
 
 
 class PieceDecoder:

@@ -8,7 +8,7 @@ import random
 import fsspec
 import pytest
 
-from model import testing, tokenizer
+from griffin_batch.model import testing, tokenizer
 
 TRICKY = [
     "Hello, world!",

@@ -2,9 +2,8 @@
 
 A directory with transformers' ``config.json`` and ``*.safetensors`` (one file,
 or shards listed in ``model.safetensors.index.json``). This module converts
-between those tensors and the reference parameter tree of ``model.checkpoint``
-(which dispatches here by format) and reads and writes the files with the
-``safetensors`` library.
+between those tensors and the reference parameter tree of ``common.param_shapes``
+and reads and writes the files with the ``safetensors`` library.
 
 Remote fsspec paths (gs://, s3://, memory://...) are copied to a local
 temporary directory before reading, because ``safetensors.safe_open`` reads
@@ -22,12 +21,13 @@ from typing import Any
 import fsspec
 import numpy as np
 import safetensors
-import safetensors.flax
 
-from model import checkpoint
-from model.config import ATTENTION, RECURRENT, GriffinConfig, Preset
+from griffin_batch.model.checkpoint import common
+from griffin_batch.model.config import ATTENTION, RECURRENT, GriffinConfig, Preset
 
 SAFETENSORS_FILE = "model.safetensors"
+# Lists the files of a sharded checkpoint and which tensor each holds.
+HF_INDEX_JSON = "model.safetensors.index.json"
 # transformers only loads safetensors files whose metadata says "pt".
 _METADATA = {"format": "pt"}
 # transformers' RecurrentGemma settings our model implements; anything else is refused.
@@ -49,6 +49,11 @@ _HF_REQUIRED = (
 _HF_DEFAULTS = {"attention_window_size": 2048, "logits_soft_cap": 30.0, "conv1d_width": 4}
 
 
+def matches(names: list[str]) -> bool:
+    """Whether a directory holding the files ``names`` (base names) is a Hugging Face checkpoint."""
+    return any(n.endswith(".safetensors") for n in names) or HF_INDEX_JSON in names
+
+
 # ----------------------------------------------------------------------------------------------
 # config.json.
 
@@ -67,12 +72,12 @@ def hf_config_dict(config: GriffinConfig, dtype: str = "float32") -> dict[str, A
       CheckpointError: ``config`` uses a setting transformers cannot express.
     """
     if not config.embeddings_scale_by_sqrt_dim:
-        raise checkpoint.CheckpointError(
+        raise common.CheckpointError(
             "transformers' RecurrentGemma always scales embeddings by sqrt(width); a config with "
             "embeddings_scale_by_sqrt_dim=False cannot be saved in the hf format"
         )
     if config.logits_soft_cap <= 0:
-        raise checkpoint.CheckpointError(
+        raise common.CheckpointError(
             "transformers' RecurrentGemma always soft-caps logits; "
             "logits_soft_cap must be > 0 for the hf format"
         )
@@ -111,24 +116,24 @@ def _fields_from_hf_config(cfg: Mapping[str, Any], source: str) -> dict[str, Any
     for key, want in _HF_FIXED.items():
         have = get(key, want)
         if have != want and not (isinstance(want, float) and np.isclose(float(have), want)):
-            raise checkpoint.CheckpointError(
+            raise common.CheckpointError(
                 f"{source}: {key}={have!r} is not supported (only {want!r})"
             )
     rope_type = get("rope_type", "default")
     if rope_type != "default":
-        raise checkpoint.CheckpointError(
+        raise common.CheckpointError(
             f"{source}: rope_type={rope_type!r} is not supported (only 'default')"
         )
     heads = get("num_attention_heads")
     kv_heads = get("num_key_value_heads", heads)
     if kv_heads != 1 and heads != 1:
-        raise checkpoint.CheckpointError(
+        raise common.CheckpointError(
             f"{source}: num_key_value_heads={kv_heads} is not supported; Griffin attention has "
             f"one shared key/value head (num_key_value_heads=1)"
         )
     missing = [k for k in _HF_REQUIRED if get(k) is None]
     if missing:
-        raise checkpoint.CheckpointError(f"{source}: missing {missing}")
+        raise common.CheckpointError(f"{source}: missing {missing}")
     pattern = list(get("block_types", ("recurrent", "recurrent", "attention")))
     layers = get("num_hidden_layers")
     fields = {
@@ -198,7 +203,7 @@ def _hf_rules(config: GriffinConfig) -> Iterator[tuple[str, str, Callable, Calla
 
 def hf_shapes(config: GriffinConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of transformers' tensors (names without the "model." prefix) for ``config``."""
-    ref = dict(checkpoint._flatten(checkpoint.param_shapes(config)))
+    ref = dict(common.flatten(common.param_shapes(config)))
     shapes = {}
     for ref_path, hf, _, to_hf in _hf_rules(config):
         shapes[hf] = to_hf(np.empty(ref[ref_path], np.int8)).shape
@@ -252,7 +257,7 @@ def _infer_hf_shape_fields(
     """Shape fields from the tensors themselves, to cross-check config.json."""
     shapes = {name[len(prefix) :]: s for name, s in shapes.items() if name.startswith(prefix)}
     if "embed_tokens.weight" not in shapes:
-        raise checkpoint.CheckpointError(
+        raise common.CheckpointError(
             f"{source}: no {prefix}embed_tokens.weight in the safetensors files"
         )
     vocab_size, width = shapes["embed_tokens.weight"]
@@ -271,7 +276,7 @@ def _infer_hf_shape_fields(
         elif k_proj is not None:
             block_types.append(ATTENTION)
         else:
-            raise checkpoint.CheckpointError(
+            raise common.CheckpointError(
                 f"{source}: layers.{i} has neither rg_lru nor k_proj tensors"
             )
     fields["block_types"] = tuple(block_types)
@@ -279,7 +284,7 @@ def _infer_hf_shape_fields(
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading and saving a checkpoint directory (called by model.checkpoint).
+# Loading and saving a checkpoint directory (dispatched to by ``api``).
 
 
 def load(
@@ -319,7 +324,7 @@ def load(
     flat = _params_from_hf(config, tensors, prefix)
     lm_head = tensors.pop("lm_head.weight", None)
     if lm_head is not None and not np.array_equal(lm_head, flat["embedder/input_embedding"]):
-        raise checkpoint.CheckpointError(
+        raise common.CheckpointError(
             f"{where['lm_head.weight'].source}: lm_head.weight differs from the input "
             f"embedding; Griffin ties them and cannot load an untied output layer"
         )
@@ -341,8 +346,8 @@ def save(
     dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
     hf_config = hf_config_dict(config, dtype)  # refuses configs transformers cannot express
     fs.makedirs(root, exist_ok=True)
-    checkpoint._write_json(fs, checkpoint._join(root, checkpoint.CONFIG_JSON), hf_config)
-    write_safetensors(fs, checkpoint._join(root, SAFETENSORS_FILE), params_to_hf(config, flat))
+    common.write_json(fs, common.join(root, common.CONFIG_JSON), hf_config)
+    write_safetensors(fs, common.join(root, SAFETENSORS_FILE), params_to_hf(config, flat))
 
 
 def _resolve_hf_config(
@@ -354,16 +359,16 @@ def _resolve_hf_config(
 ) -> GriffinConfig:
     """The config from tensor shapes, transformers' config.json (if any) and the preset."""
     declared = None
-    config_path = checkpoint._join(root, checkpoint.CONFIG_JSON)
+    config_path = common.join(root, common.CONFIG_JSON)
     if fs.exists(config_path):
         declared = _fields_from_hf_config(
-            checkpoint._read_json(fs, config_path), f"{path}/{checkpoint.CONFIG_JSON}"
+            common.read_json(fs, config_path), f"{path}/{common.CONFIG_JSON}"
         )
         if "num_heads" not in inferred:  # pure attention: head count needs the config
             inferred["num_heads"] = declared["num_heads"]
     elif "num_heads" not in inferred and preset is not None:
         inferred["num_heads"] = preset.config().num_heads
-    return checkpoint.resolve_config(inferred, declared, preset, source=path)
+    return common.resolve_config(inferred, declared, preset, source=path)
 
 
 def _check_tensors(
@@ -373,43 +378,43 @@ def _check_tensors(
     expected = {f"{prefix}{k}": v for k, v in hf_shapes(config).items()}
     for name, shape in expected.items():
         if name not in where:
-            raise checkpoint.CheckpointError(
+            raise common.CheckpointError(
                 f"{path}: missing tensor {name} (expected shape {shape}) in {files}"
             )
         got = where[name].shapes[name]
         if got != shape:
-            raise checkpoint.CheckpointError(
+            raise common.CheckpointError(
                 f"{where[name].source}: tensor {name} has shape {got}, expected {shape} for "
-                f"{checkpoint._describe(config)}"
+                f"{common.describe_config(config)}"
             )
     extra = sorted(set(where) - set(expected) - {"lm_head.weight"})
     if extra:
         shard = where[extra[0]]
-        raise checkpoint.CheckpointError(
+        raise common.CheckpointError(
             f"{shard.source}: unexpected tensor {extra[0]} with shape {shard.shapes[extra[0]]} "
-            f"for {checkpoint._describe(config)}"
+            f"for {common.describe_config(config)}"
         )
 
 
 def _hf_weight_files(fs: fsspec.AbstractFileSystem, root: str, path: str) -> list[str]:
     """Names of the safetensors files: those in the shard index, else every *.safetensors."""
-    index_path = checkpoint._join(root, checkpoint.HF_INDEX_JSON)
+    index_path = common.join(root, HF_INDEX_JSON)
     if fs.exists(index_path):
-        weight_map = checkpoint._read_json(fs, index_path).get("weight_map")
+        weight_map = common.read_json(fs, index_path).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise checkpoint.CheckpointError(f"{path}/{checkpoint.HF_INDEX_JSON}: no weight_map")
+            raise common.CheckpointError(f"{path}/{HF_INDEX_JSON}: no weight_map")
         names = sorted(set(weight_map.values()))
         for name in names:
-            if not fs.exists(checkpoint._join(root, name)):
-                raise checkpoint.CheckpointError(
-                    f"{path}/{checkpoint.HF_INDEX_JSON} lists {name}, which does not exist"
+            if not fs.exists(common.join(root, name)):
+                raise common.CheckpointError(
+                    f"{path}/{HF_INDEX_JSON} lists {name}, which does not exist"
                 )
         return names
     names = sorted(
         os.path.basename(p) for p in fs.ls(root, detail=False) if p.endswith(".safetensors")
     )
     if not names:
-        raise checkpoint.CheckpointError(f"{path}: no *.safetensors files")
+        raise common.CheckpointError(f"{path}: no *.safetensors files")
     return names
 
 
@@ -426,14 +431,14 @@ def _local_copies(
     safetensors reads only local files (it memory-maps them), so files on any
     other filesystem are fetched into a temporary directory that is removed on exit.
     """
-    if checkpoint._is_local(fs):
-        yield {name: os.path.abspath(checkpoint._join(root, name)) for name in names}
+    if common.is_local(fs):
+        yield {name: os.path.abspath(common.join(root, name)) for name in names}
         return
     with tempfile.TemporaryDirectory(prefix="griffin-hf-") as tmp:
         local = {name: os.path.join(tmp, name) for name in names}
         for name, local_path in local.items():
             os.makedirs(os.path.dirname(local_path), exist_ok=True)
-            fs.get(checkpoint._join(root, name), local_path)
+            fs.get(common.join(root, name), local_path)
         yield local
 
 
@@ -456,9 +461,7 @@ class _Shard:
             # framework="flax": jax always has bfloat16; safetensors.numpy's dtype table has no BF16.
             return safetensors.safe_open(self.local_path, framework="flax")
         except (safetensors.SafetensorError, OSError) as e:
-            raise checkpoint.CheckpointError(
-                f"{self.source}: not a safetensors file ({e})"
-            ) from None
+            raise common.CheckpointError(f"{self.source}: not a safetensors file ({e})") from None
 
     def read_all(self) -> dict[str, np.ndarray]:
         """Every tensor of the file as a NumPy array, bfloat16 kept (as ml_dtypes.bfloat16)."""
@@ -471,7 +474,7 @@ class _Shard:
                 try:
                     out[name] = np.asarray(f.get_tensor(name))
                 except (safetensors.SafetensorError, ValueError, TypeError) as e:
-                    raise checkpoint.CheckpointError(
+                    raise common.CheckpointError(
                         f"{self.source}: cannot read tensor {name} with shape "
                         f"{self.shapes[name]} ({e})"
                     ) from None
@@ -489,16 +492,20 @@ def write_safetensors(fs: fsspec.AbstractFileSystem, path: str, tensors: Mapping
     Raises:
       CheckpointError: A dtype safetensors cannot store, or the write failed.
     """
+    # Imported here, not at the top: safetensors.flax imports jax, and importing this package
+    # stays cheap.
+    import safetensors.flax
+
     # The library writes each array's buffer as is, so strided views must be copied first.
     arrays = {name: np.ascontiguousarray(t) for name, t in tensors.items()}
     try:
-        if checkpoint._is_local(fs):
+        if common.is_local(fs):
             safetensors.flax.save_file(arrays, os.path.abspath(path), metadata=_METADATA)
             return
         data = safetensors.flax.save(arrays, metadata=_METADATA)
     except (safetensors.SafetensorError, ValueError, TypeError) as e:
         dtypes = sorted({a.dtype.name for a in arrays.values()})
-        raise checkpoint.CheckpointError(
+        raise common.CheckpointError(
             f"{path}: cannot write tensors of dtypes {dtypes} as safetensors ({e})"
         ) from None
     with fs.open(path, "wb") as f:

@@ -1,0 +1,56 @@
+"""The ``griffin-batch`` command: one subcommand per job.
+
+    griffin-batch generate --input prompts.parquet --output out/run-1
+
+Each subcommand module provides ``add_arguments(parser)`` and ``run(args, prog)``;
+``run`` returns the process exit status (see ``griffin_batch.jobs.generate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import sys
+from collections.abc import Sequence
+
+# name -> (module, one-line summary). Modules import on use: ``--help`` stays fast.
+SUBCOMMANDS = {
+    "generate": (
+        "griffin_batch.jobs.generate",
+        "generate completions for Parquet prompts on a Ray cluster",
+    ),
+}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("griffin-batch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``griffin-batch`` parser with one subparser per job."""
+    parser = argparse.ArgumentParser(
+        prog="griffin-batch",
+        description="Batch text generation with Griffin / RecurrentGemma models on Ray.",
+    )
+    parser.add_argument("--version", action="version", version=f"griffin-batch {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, summary) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=summary, description=getattr(module, "DESCRIPTION", summary))
+        module.add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``griffin-batch`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return module.run(args, prog=f"griffin-batch {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
