@@ -73,6 +73,69 @@ class Failed:
 
 Outcome = Success | Preempted | Failed
 
+
+@dataclasses.dataclass(frozen=True)
+class StartFailure:
+    """A worker could not start, for a reason no retry fixes.
+
+    Attributes:
+      cause: One line naming the cause (exception type and message).
+      host: Where the worker ran (hostname or node address; "unknown" if Ray
+        did not say).
+    """
+
+    cause: str
+    host: str
+
+    def describe(self, worker: str) -> str:
+        return f"worker {worker} on {self.host} could not start: {self.cause}"
+
+
+# Exceptions raised while loading (imports, checkpoint, tokenizer) that repeat
+# on every attempt. ConnectionError and TimeoutError are OSErrors too but are
+# left out: a flaky store is worth another worker.
+_PERMANENT_START_ERRORS: tuple[type[BaseException], ...] = (
+    ImportError,  # a package missing on the worker's host
+    MemoryError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    ValueError,  # unreadable checkpoint or tokenizer (CheckpointError is one)
+    KeyError,
+    TypeError,
+)
+
+
+def is_permanent_start_error(error: BaseException) -> bool:
+    """Whether ``error``, raised while a worker loads, would recur on any retry."""
+    return isinstance(error, _PERMANENT_START_ERRORS) and not isinstance(
+        error, ConnectionError | TimeoutError
+    )
+
+
+# How Ray names the node in its errors: "ip=10.0.0.3" (actor errors) or
+# "(IP: 10.0.0.3, ID: ...)" (memory monitor).
+_RAY_NODE_IP = re.compile(r"\b(?:ip=|IP: )([0-9a-fA-F.:]*[0-9a-fA-F])")
+
+
+def start_failure(error: BaseException) -> StartFailure | None:
+    """The permanent start failure behind a Ray error from a starting worker, if it is one.
+
+    Two Ray-level causes repeat on every attempt: Ray's memory monitor killing
+    the worker while it loads (the model does not fit the host), and the actor's
+    constructor raising before the worker's own guard runs (the worker's module
+    cannot be imported: ``griffin-batch`` is not installed on that host). A
+    worker process that just vanished is a preemption, not this.
+    """
+    host_match = _RAY_NODE_IP.search(_ANSI.sub("", str(error)))
+    host = host_match.group(1) if host_match else "unknown"
+    if isinstance(error, rex.OutOfMemoryError):
+        return StartFailure(f"ran out of memory while loading: {describe(error)}", host)
+    if isinstance(error, rex.ActorDiedError) and getattr(error, "_actor_init_failed", False):
+        return StartFailure(describe(error), host)
+    return None
+
 # Errors that mean "the process or node running the call is gone".
 _PREEMPTION_ERRORS: tuple[type[BaseException], ...] = (
     rex.RayActorError,  # ActorDiedError, ActorUnavailableError

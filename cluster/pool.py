@@ -3,6 +3,12 @@
 The pool is generic: it starts ``actor_cls(*init_args)`` with the placement of
 a ``hardware.WorkerSpec`` and a ``ready()`` method it calls to learn when a
 worker has loaded. Scheduling work onto ready workers is the caller's job.
+
+The start contract: a constructor that raises, or a ``ready()`` that returns
+``{"start_error": ...}``, is a failure no retry fixes (``faults.StartFailure``)
+and sets ``fatal``: the caller stops instead of burning the replacement
+budget on it. A ``ready()`` that raises is a worker that might start elsewhere:
+it is replaced while budget lasts.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 
 import ray
 
-from cluster import faults, hardware
+from griffin_batch.cluster import faults, hardware
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,7 @@ class Worker:
       info: What ``ready()`` returned (host, devices, ...), None until ready.
       ready_at: Monotonic time it became ready.
       lost: Why it was removed, None while in service.
+      host: Where it runs, once known (hostname, or node address from Ray).
     """
 
     index: int
@@ -45,6 +52,7 @@ class Worker:
     info: Mapping[str, Any] | None = None
     ready_at: float | None = None
     lost: str | None = None
+    host: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -99,6 +107,7 @@ class WorkerPool:
         self.workers: list[Worker] = []
         self.replaced = 0
         self.last_error: str | None = None
+        self.fatal: str | None = None
 
     # Lifecycle --------------------------------------------------------------
     def start(self) -> None:
@@ -128,11 +137,7 @@ class WorkerPool:
         """
         if worker.lost is not None:
             return None
-        worker.lost = reason
-        self.last_error = reason
-        log.warning("worker %s lost: %s", worker.name, reason)
-        with contextlib.suppress(Exception):  # already gone is fine
-            ray.kill(worker.handle, no_restart=True)
+        self._retire(worker, reason)
         if self.replaced >= self.max_replacements:
             return None
         self.replaced += 1
@@ -152,13 +157,38 @@ class WorkerPool:
         return {w.ready_ref: w for w in self.workers if w.info is None and w.lost is None}
 
     def on_ready(self, worker: Worker) -> faults.Outcome:
-        """Resolves a finished ``ready()``: marks the worker ready or replaces it."""
-        outcome = faults.resolve(worker.ready_ref)
-        if isinstance(outcome, faults.Success):
-            worker.info, worker.ready_at = dict(outcome.value), self._clock()
+        """Resolves a finished ``ready()``: marks the worker ready, replaces it, or sets ``fatal``.
+
+        Returns:
+          ``Success`` (ready), ``Preempted`` (replaced while budget lasts) or
+          ``Failed`` (a permanent start failure; ``fatal`` names it).
+        """
+        try:
+            info = dict(ray.get(worker.ready_ref))
+        except Exception as error:  # noqa: BLE001 - every remote error becomes an outcome
+            failure = faults.start_failure(error)
+            if failure is None:
+                outcome = faults.classify(error)
+                self.lose(worker, f"failed to start: {outcome.message}")
+                return outcome
         else:
-            self.lose(worker, f"failed to start: {outcome.message}")
-        return outcome
+            if "start_error" not in info:
+                worker.info, worker.ready_at = info, self._clock()
+                worker.host = info.get("hostname")
+                return faults.Success(info)
+            failure = faults.StartFailure(str(info["start_error"]), str(info.get("hostname")))
+        worker.host = failure.host
+        self.fatal = failure.describe(worker.name)
+        self._retire(worker, self.fatal, level=logging.INFO)  # the caller reports it
+        return faults.Failed(self.fatal)
+
+    def _retire(self, worker: Worker, reason: str, level: int = logging.WARNING) -> None:
+        """Removes ``worker`` for good, without a replacement."""
+        worker.lost = reason
+        self.last_error = reason
+        log.log(level, "worker %s lost: %s", worker.name, reason)
+        with contextlib.suppress(Exception):  # already gone is fine
+            ray.kill(worker.handle, no_restart=True)
 
     def expire_starting(self) -> list[Worker]:
         """Drops workers that have not become ready within the start timeout."""

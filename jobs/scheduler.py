@@ -2,9 +2,11 @@
 
 Each ready worker holds at most ``max_in_flight`` shards; when one finishes,
 the worker gets the next queued shard, so fast and slow hosts balance
-themselves. Outcomes follow ``cluster.faults``: a preempted shard goes back to
+themselves. Outcomes follow ``griffin_batch.cluster.faults``: a preempted shard goes back to
 the front of the queue and its worker is replaced; a failed shard is retried
-within its budget; a shard out of budget is reported and the rest go on.
+within its budget; a shard out of budget is reported and the rest go on. A
+worker that cannot start for good (``pool.WorkerPool.fatal``) stops the loop
+at once: every shard not yet committed is reported with that cause.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from collections.abc import Callable, Sequence
 
 import ray
 
-from actors import shards
-from cluster import faults, pool
+from griffin_batch.actors import shards
+from griffin_batch.cluster import faults, pool
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +53,13 @@ class Report:
       failed: Shards out of retries, with their last error.
       stats: Per worker name.
       retries: Retries charged, by outcome.
+      fatal: Why the loop stopped early (a worker that cannot start), or None.
     """
 
     failed: dict[str, str]
     stats: dict[str, WorkerStats]
     retries: dict[str, int]
+    fatal: str | None = None
 
 
 @dataclasses.dataclass
@@ -123,10 +127,16 @@ class Scheduler:
                     self._finish(ref)
                 elif ref in starting:
                     self.workers.on_ready(starting[ref])
+            if self.workers.fatal is not None:
+                self._give_up_all(self.workers.fatal)
+                break
             self.workers.expire_starting()
             self._on_tick()
         return Report(
-            failed=dict(self._failed), stats=dict(self._stats), retries=self.budget.totals
+            failed=dict(self._failed),
+            stats=dict(self._stats),
+            retries=self.budget.totals,
+            fatal=self.workers.fatal,
         )
 
     def _load(self) -> collections.Counter:
@@ -181,6 +191,15 @@ class Scheduler:
             self._failed[shard_id] = (
                 f"gave up after {self._attempts[shard_id]} attempts: {outcome.message}"
             )
+
+    def _give_up_all(self, reason: str) -> None:
+        """Reports every queued and in-flight shard as failed with ``reason``."""
+        for attempt in self._in_flight.values():
+            self._failed[attempt.shard.shard_id] = reason
+        self._in_flight.clear()
+        for shard in self._queue:
+            self._failed[shard.shard_id] = reason
+        self._queue.clear()
 
     def _give_up_queued(self) -> None:
         reason = self.workers.last_error or "no worker could start"

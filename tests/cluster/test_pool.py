@@ -8,7 +8,7 @@ import pytest
 import ray
 import ray.cloudpickle
 
-from cluster import faults, hardware, pool
+from griffin_batch.cluster import faults, hardware, pool
 
 # Workers cannot import test modules; ship this module's classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -27,13 +27,23 @@ CPU_SPEC = hardware.WorkerSpec(
 
 
 class Loader:
-    """Stands in for a model worker: ``ready`` answers once ``__init__`` has run."""
+    """Stands in for a model worker: ``ready`` answers once ``__init__`` has run.
 
-    def __init__(self, fail: bool = False):
-        if fail:
-            raise RuntimeError("checkpoint gs://nowhere/ckpt does not exist")
+    ``fail``: "init" raises from the constructor (a module the class needs is
+    missing); "permanent" reports a start error from ``ready`` (the model's own
+    guard caught it); "transient" raises from ``ready`` (might start elsewhere).
+    """
+
+    def __init__(self, fail: str | None = None):
+        if fail == "init":
+            raise ModuleNotFoundError("No module named 'griffin_batch'")
+        self.fail = fail
 
     def ready(self) -> dict:
+        if self.fail == "permanent":
+            return {"hostname": "host-a", "start_error": "CheckpointError: gs://nowhere/ckpt"}
+        if self.fail == "transient":
+            raise faults.WorkerLost("could not start: TimeoutError: gs://slow/ckpt")
         return {"pid": os.getpid()}
 
 
@@ -67,18 +77,42 @@ def test_pool_starts_and_replaces_a_killed_worker(ray_address):
     assert p.exhausted
 
 
-def test_workers_that_cannot_load_exhaust_the_pool(ray_address):
-    p = pool.WorkerPool(Loader, (True,), CPU_SPEC, size=1, max_replacements=1)
+def _outcomes(p: pool.WorkerPool) -> list[faults.Outcome]:
+    outcomes = []
+    while p.starting():
+        ref, worker = next(iter(p.starting().items()))
+        ray.wait([ref], timeout=60)
+        outcomes.append(p.on_ready(worker))
+    return outcomes
+
+
+def test_transient_start_failures_are_replaced_until_the_budget_ends(ray_address):
+    p = pool.WorkerPool(Loader, ("transient",), CPU_SPEC, size=1, max_replacements=1)
     p.start()
     try:
-        outcomes = []
-        while p.starting():
-            ref, worker = next(iter(p.starting().items()))
-            ray.wait([ref], timeout=60)
-            outcomes.append(p.on_ready(worker))
-        assert [type(o) for o in outcomes] == [faults.Preempted, faults.Preempted]
-        assert p.exhausted
-        assert "checkpoint gs://nowhere/ckpt does not exist" in p.last_error
+        assert [type(o) for o in _outcomes(p)] == [faults.Preempted, faults.Preempted]
+        assert p.exhausted and p.fatal is None
+        assert "TimeoutError: gs://slow/ckpt" in p.last_error
+    finally:
+        p.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("fail", "cause"),
+    [
+        ("permanent", "on host-a could not start: CheckpointError: gs://nowhere/ckpt"),
+        ("init", "could not start: ModuleNotFoundError: No module named 'griffin_batch'"),
+    ],
+)
+def test_permanent_start_failures_stop_at_the_first_attempt(ray_address, fail, cause):
+    p = pool.WorkerPool(Loader, (fail,), CPU_SPEC, size=1, max_replacements=3)
+    p.start()
+    try:
+        assert [type(o) for o in _outcomes(p)] == [faults.Failed]
+        assert p.replaced == 0 and p.exhausted
+        assert cause in p.fatal, p.fatal
+        if fail == "init":  # the host comes from Ray's error
+            assert " on unknown " not in p.fatal, p.fatal
     finally:
         p.shutdown()
 
