@@ -7,9 +7,11 @@ single thread keeps ``engine.generate`` fed. When one shard's requests run
 out, the next shard's are already queued, so slots refill without draining
 the batch between shards.
 
-The request iterator handed to the engine never blocks while the engine holds
-unfinished requests (it ends instead, the engine drains, and a new stream
-starts); it blocks only when the engine is idle, so it can never stall decoding.
+The request feed handed to the engine never blocks while the engine holds
+unfinished requests: it yields ``NOTHING_YET`` instead, the engine goes on
+decoding and asks again at its next admission, so a request submitted while a
+long one decodes starts within one round. The feed blocks only when the
+engine is idle, so it can never stall decoding; the stream never ends.
 """
 
 from __future__ import annotations
@@ -118,6 +120,12 @@ class EngineLoop:
                     del self._owner[rid]
 
     @property
+    def queued(self) -> int:
+        """Requests submitted and not yet taken by the engine."""
+        with self._cond:
+            return len(self._queue)
+
+    @property
     def fatal(self) -> BaseException | None:
         """What stopped the engine, if it stopped."""
         return self._fatal
@@ -126,13 +134,14 @@ class EngineLoop:
     def _feed(self) -> Iterator[requests.Request]:
         while True:
             with self._cond:
-                while not self._queue:
-                    if self._left:
-                        return  # never stall requests the engine is decoding
-                    self._cond.wait()
-                request = self._queue.popleft()
-                self._left[request.request_id] = request.params.n
-            yield request
+                while not self._queue and not self._left:
+                    self._cond.wait()  # the engine is idle: nothing to stall
+                if not self._queue:
+                    item = requests.NOTHING_YET  # never stall what the engine decodes
+                else:
+                    item = self._queue.popleft()
+                    self._left[item.request_id] = item.params.n
+            yield item
 
     def _run(self) -> None:
         try:

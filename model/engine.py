@@ -36,7 +36,13 @@ from griffin_batch.model import array_typing as at
 from griffin_batch.model import griffin, sharding
 from griffin_batch.model.config import GriffinConfig
 from griffin_batch.model.engine_config import EngineConfig
-from griffin_batch.model.requests import Completion, Request, RequestError, SamplingParams
+from griffin_batch.model.requests import (
+    NOTHING_YET,
+    Completion,
+    Request,
+    RequestError,
+    SamplingParams,
+)
 from griffin_batch.model.sampling import RowParams, sample_tokens
 from griffin_batch.model.textstream import TextStream
 
@@ -251,8 +257,10 @@ class Engine:
         """Serves ``requests`` (and restored ``resume`` snapshots), yielding output chunks.
 
         Requests are pulled lazily from the iterable as slots free up, so it may
-        be an unbounded generator. Invalid requests yield a single error chunk
-        per sample; the rest go on.
+        be an unbounded generator, and one fed while the engine runs: a feed
+        that yields ``NOTHING_YET`` keeps the stream open (the engine decodes
+        what it holds and asks again) until it ends. Invalid requests yield a
+        single error chunk per sample; the rest go on.
         """
         ec = self.engine_config
         self._pending = pending = _Pending(requests, longest_first=ec.longest_first,
@@ -286,7 +294,8 @@ class Engine:
             if any(self._slots):
                 self._decode_round()
                 yield from self._deliver()
-            elif self._group is None and not restored and not self._has_pending(pending):
+            elif (self._group is None and not restored and not self._has_pending(pending)
+                  and pending.exhausted):
                 return
 
     def _deliver(self) -> Iterator[Chunk]:
@@ -559,11 +568,18 @@ class _Pending:
         valid = isinstance(m, int) and not isinstance(m, bool) and m > 0
         return -m if valid else -float("inf")
 
+    @property
+    def exhausted(self) -> bool:
+        """The iterable has ended (not merely said ``NOTHING_YET``)."""
+        return self._exhausted
+
     def _fill(self) -> None:
         while not self._exhausted and len(self._heap) < self._lookahead:
             request = next(self._it, None)
             if request is None:
                 self._exhausted = True
+                return
+            if request is NOTHING_YET:  # more may come: ask again next admission
                 return
             n = getattr(request.params, "n", 1)
             for i in range(max(n, 1) if isinstance(n, int) else 1):

@@ -84,6 +84,23 @@ class Request:
     params: SamplingParams = SamplingParams()
 
 
+class _NothingYet:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOTHING_YET"
+
+
+NOTHING_YET = _NothingYet()
+"""What a request feed yields when it has nothing now but may have more later.
+
+``Engine.stream`` then goes on decoding what it holds and asks again before
+its next admission, instead of treating the feed as ended and draining its
+slots. A feed should yield it only while the engine holds work, and block
+while the engine is idle (asked again at once, it would otherwise spin).
+"""
+
+
 @dataclasses.dataclass(kw_only=True)
 class Completion:
     """One finished sample of one request.
