@@ -98,7 +98,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--accelerator", default="auto", choices=["auto", "tpu", "gpu", "cpu"])
     c.add_argument("--gpus-per-worker", type=float, default=1.0)
     c.add_argument("--cpus-per-worker", type=float, default=1.0)
-    c.add_argument("--max-in-flight", type=int, default=2, help="shards queued per worker")
+    c.add_argument(
+        "--max-in-flight",
+        type=int,
+        help="shards held per worker at once (default: enough to fill its slots)",
+    )
     c.add_argument("--max-preemptions", type=int, default=config_lib.ClusterConfig.max_preemptions)
     c.add_argument("--max-failures", type=int, default=config_lib.ClusterConfig.max_failures)
     r = p.add_argument_group("existing output")
@@ -187,8 +191,8 @@ def run(args: argparse.Namespace, prog: str = "griffin-batch generate") -> int:
     if result.fatal:
         print(f"{prog}: error: {result.fatal}", file=sys.stderr)
     print(
-        f"wrote {s['samples']} output row(s) for {s['rows']} of {s['input_rows']} input row(s); "
-        f"{s['shards']['committed']} of {s['shards']['total']} shard file(s) in {result.output}"
+        f"wrote {s['samples']} output row(s) for {s['rows']} of {s['input_rows']} input row(s), "
+        f"{s['shards']['committed']} of {s['shards']['total']} shard file(s), to {result.output}"
     )
     print(
         f"summary: {result.output.rstrip('/')}/summary.json "

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = pathlib.Path(sys.executable).parent
-HEAD_START_TIMEOUT_S = 120
+HEAD_START_TIMEOUT_S = 180
 
 
 def free_port() -> int:
@@ -60,8 +60,16 @@ def ray_head():
     }
     env.pop("RAY_ADDRESS", None)
     port, dashboard_port = free_port(), free_port()
+    # Every port of its own: the session's cluster (or any other on this machine)
+    # holds the defaults, and a second dashboard agent on 52365 never registers.
+    own_ports = [
+        f"--{name}={free_port()}"
+        for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                     "metrics-export-port", "runtime-env-agent-port",
+                     "ray-client-server-port")
+    ]
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", *own_ports,
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
          "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -79,6 +87,7 @@ def ray_head():
             except OSError:
                 assert time.monotonic() < deadline, f"no dashboard at {url}"
                 time.sleep(0.5)
+        _wait_for_job_agent(url, env, deadline)
         yield url, env
     finally:
         head.send_signal(signal.SIGTERM)  # `--block` stops every process it started
@@ -87,6 +96,23 @@ def ray_head():
         except subprocess.TimeoutExpired:
             head.kill()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for_job_agent(url: str, env: dict, deadline: float) -> None:
+    """Submits a no-op job until the head's job agent takes it.
+
+    The dashboard answers before the node's agent has registered; a submission
+    in between fails with "No available agent to submit job".
+    """
+    while True:
+        proc = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", url, "--", "true"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )
+        if proc.returncode == 0:
+            return
+        assert time.monotonic() < deadline, proc.stdout[-2000:] + proc.stderr[-2000:]
+        time.sleep(1.0)
 
 
 def test_ray_job_submit_as_the_readme_says(ray_head):
