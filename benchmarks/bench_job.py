@@ -104,10 +104,13 @@ def time_job(
     """The whole job on a fresh local Ray cluster with one CPU worker."""
     from griffin_batch.jobs import config as config_lib
     from griffin_batch.jobs import driver
+    from griffin_batch.model.engine_config import EngineConfig
 
     config = config_lib.JobConfig(
         io=config_lib.IOConfig(inputs=(inputs,), output=out, shard_rows=shard_rows),
-        model=config_lib.ModelConfig(checkpoint=ckpt, tokenizer=tokenizer, slots=slots),
+        model=config_lib.ModelConfig(
+            checkpoint=ckpt, tokenizer=tokenizer, engine=EngineConfig(num_slots=slots)
+        ),
         sampling=config_lib.SamplingConfig(max_tokens=max_tokens),
         cluster=config_lib.ClusterConfig(address="local", workers=1, accelerator="cpu"),
         resume=config_lib.ResumeConfig(overwrite=True),

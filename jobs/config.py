@@ -129,8 +129,10 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0
     """CPUs a CPU worker reserves."""
 
-    max_in_flight: int = 2
-    """Shards queued on one worker at once; 2 keeps the engine fed across shard boundaries."""
+    max_in_flight: int | None = None
+    """Shards held by one worker at once. None: enough to fill its engine's slots
+    (``JobConfig.shards_in_flight``), so small shards do not leave slots idle
+    beside a long row."""
 
     max_preemptions: int = faults.DEFAULT_MAX_PREEMPTIONS
     """Re-runs of a shard whose worker died."""
@@ -183,6 +185,17 @@ class JobConfig:
             raise JobInputError(f"invalid sampling option: {e}") from None
         if self.resume.resume and self.resume.overwrite:
             raise JobInputError("--resume and --overwrite exclude each other")
+
+    def shards_in_flight(self) -> int:
+        """Shards a worker holds at once (``--max-in-flight``, else enough to fill its slots).
+
+        One more than the slots' worth, and at least two, so the next shard is
+        queued in the engine before the slots it will fill free up.
+        """
+        if self.cluster.max_in_flight is not None:
+            return self.cluster.max_in_flight
+        samples_per_shard = self.io.shard_rows * self.sampling.n
+        return max(2, -(-self.model.engine.num_slots // samples_per_shard) + 1)
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that decide output contents; a resumed job must keep them."""

@@ -185,7 +185,7 @@ def _start_pool(
         spec,
         size=size,
         env_vars=connect.forwarded_env(),
-        max_concurrency=c.max_in_flight + 2,
+        max_concurrency=config.shards_in_flight() + 2,
         start_timeout_s=c.start_timeout_s,
     )
     workers.start()
@@ -234,7 +234,7 @@ def _generate(
             submit,
             on_commit,
             budget,
-            max_in_flight=config.cluster.max_in_flight,
+            max_in_flight=config.shards_in_flight(),
             on_tick=on_tick,
         )
         try:

@@ -130,3 +130,23 @@ def test_engine_defaults_have_one_source():
         )
     )
     assert custom.model.engine == EngineConfig(num_slots=8, max_prompt_tokens=99)
+
+
+@pytest.mark.parametrize(
+    ("shard_rows", "n", "slots", "flag", "expected"),
+    [
+        (1, 1, 32, None, 33),  # one-row shards: a slot's worth each, plus the next
+        (8, 1, 32, None, 5),
+        (4, 2, 32, None, 5),  # n samples per row take n slots
+        (1024, 1, 32, None, 2),  # big shards: the next one queued behind the current
+        (1, 1, 32, 3, 3),  # --max-in-flight wins
+    ],
+)
+def test_workers_hold_enough_shards_to_fill_their_slots(shard_rows, n, slots, flag, expected):
+    job = _job(
+        io=dataclasses.replace(IO, shard_rows=shard_rows),
+        sampling=config_lib.SamplingConfig(n=n),
+        model=config_lib.ModelConfig(engine=EngineConfig(num_slots=slots)),
+        cluster=config_lib.ClusterConfig(max_in_flight=flag),
+    )
+    assert job.shards_in_flight() == expected

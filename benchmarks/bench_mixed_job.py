@@ -1,0 +1,114 @@
+"""One long row among many short ones, through the whole job: does the long row idle the rest?
+
+Prints ONE JSON line:
+    {"bench": "mixed_job", "long_tokens": 6000, "short_rows": 64, "short_tokens": 300,
+     "long_alone_s": ..., "mixed_8_row_shards_s": ..., "mixed_1_row_shards_s": ...,
+     "ratio_8_row_shards": ..., "ratio_1_row_shards": ..., ...}
+
+Workload (the long-output issue's): the bundled demo model, greedy, one CPU
+worker with 32 slots; one row of ``--long-tokens`` new tokens plus
+``--short-rows`` rows of ``--short-tokens`` each (a per-row ``max_tokens``
+column), in one Parquet file. Three jobs on one local Ray cluster, side by
+side: the long row alone, then everything with 8-row shards, then with 1-row
+shards. Each figure is the job's generation time from its first ready worker
+to its last commit (``summary.json``: ``generation_s - startup_s``), so Ray's
+start-up is left out. With continuous batching across shard boundaries the
+short rows fit in the slots beside the long row and the mixed jobs take about
+as long as the long row alone (target: ratio <= 1.2).
+
+Usage (from the repository root): python benchmarks/bench_mixed_job.py [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+
+
+def write_input(path: str, long_tokens: int, short_rows: int, short_tokens: int,
+                with_short: bool) -> int:
+    """Writes the prompts; returns the number of rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompts, limits = ["Write a very long story about the sea."], [long_tokens]
+    if with_short:
+        prompts += [f"Short answer number {i}:" for i in range(short_rows)]
+        limits += [short_tokens] * short_rows
+    pq.write_table(pa.table({"prompt": prompts, "max_tokens": limits}), path)
+    return len(prompts)
+
+
+def time_job(inputs: str, out: str, shard_rows: int, slots: int) -> dict:
+    """Runs one job on the Ray cluster this process joined; returns its figures."""
+    from griffin_batch.jobs import config as config_lib
+    from griffin_batch.jobs import driver
+    from griffin_batch.model.engine_config import EngineConfig
+
+    config = config_lib.JobConfig(
+        io=config_lib.IOConfig(inputs=(inputs,), output=out, shard_rows=shard_rows),
+        model=config_lib.ModelConfig(engine=EngineConfig(num_slots=slots)),
+        cluster=config_lib.ClusterConfig(workers=1, accelerator="cpu"),
+        resume=config_lib.ResumeConfig(overwrite=True),
+    )
+    start = time.perf_counter()
+    result = driver.run(config, say=lambda m: print(m, file=sys.stderr))
+    s = result.summary
+    assert result.succeeded, s
+    return {
+        "generation_s": round(s["generation_s"] - (s["startup_s"] or 0.0), 2),
+        "wall_s": round(time.perf_counter() - start, 2),
+        "tokens": s["completion_tokens"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--small", action="store_true", help="1,000 + 16 x 100 tokens (a quick check)")
+    p.add_argument("--long-tokens", type=int)
+    p.add_argument("--short-rows", type=int)
+    p.add_argument("--short-tokens", type=int)
+    p.add_argument("--slots", type=int, default=32)
+    a = p.parse_args(argv)
+    long_tokens = a.long_tokens or (1000 if a.small else 6000)
+    short_rows = a.short_rows or (16 if a.small else 64)
+    short_tokens = a.short_tokens or (100 if a.small else 300)
+
+    import ray
+
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
+    figures: dict = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            alone, mixed = f"{tmp}/alone.parquet", f"{tmp}/mixed.parquet"
+            write_input(alone, long_tokens, short_rows, short_tokens, with_short=False)
+            write_input(mixed, long_tokens, short_rows, short_tokens, with_short=True)
+            figures["long_alone"] = time_job(alone, f"{tmp}/o1", 8, a.slots)
+            figures["mixed_8_row_shards"] = time_job(mixed, f"{tmp}/o2", 8, a.slots)
+            figures["mixed_1_row_shards"] = time_job(mixed, f"{tmp}/o3", 1, a.slots)
+    finally:
+        ray.shutdown()
+    base = figures["long_alone"]["generation_s"]
+    line = {
+        "bench": "mixed_job",
+        "long_tokens": long_tokens,
+        "short_rows": short_rows,
+        "short_tokens": short_tokens,
+        "slots": a.slots,
+        **{f"{k}_s": v["generation_s"] for k, v in figures.items()},
+        "ratio_8_row_shards": round(figures["mixed_8_row_shards"]["generation_s"] / base, 3),
+        "ratio_1_row_shards": round(figures["mixed_1_row_shards"]["generation_s"] / base, 3),
+        "tokens": {k: v["tokens"] for k, v in figures.items()},
+        "wall_s": {k: v["wall_s"] for k, v in figures.items()},
+    }
+    print(json.dumps(line))
+    return line
+
+
+if __name__ == "__main__":
+    main()
