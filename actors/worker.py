@@ -136,6 +136,15 @@ class GenerationWorker:
             "code": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         }
 
+    def heartbeat(self) -> int:
+        """Decode rounds and prefill chunks run so far; rises while the engine works.
+
+        The driver polls it on workers that hold shards: a value that stops
+        rising for ``--stall-timeout`` seconds (or no answer: a stopped
+        process) marks the worker hung.
+        """
+        return self.engine.rounds_done if self._start_error is None else -1
+
     def pid(self) -> int:
         """The worker's process id."""
         return os.getpid()

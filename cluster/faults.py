@@ -34,6 +34,14 @@ POLL_INTERVAL_S = 0.5
 KILL_GRACE_S = 5.0
 """How long shutdown waits for killed workers to go away."""
 
+HEARTBEAT_INTERVAL_S = 2.0
+"""How often the driver asks a worker that holds shards whether its engine advanced."""
+
+DEFAULT_STALL_TIMEOUT_S = 600.0
+"""A worker that holds shards and whose engine does not advance for this long is
+hung (a stopped process, a wedged device) and is replaced. Generous: the first
+compile of a large model on a TPU host can take minutes."""
+
 CONNECT_TIMEOUT_S = 10.0
 """How long the driver waits for a Ray cluster's address to accept a connection."""
 

@@ -143,6 +143,11 @@ class ClusterConfig:
     start_timeout_s: float = faults.WORKER_START_TIMEOUT_S
     """A worker that has not loaded by then is dropped."""
 
+    stall_timeout_s: float = faults.DEFAULT_STALL_TIMEOUT_S
+    """A worker that holds shards and makes no progress (no decode round, no
+    prefill chunk) for this long is declared hung, killed and replaced; its
+    shards run again elsewhere, charged to the preemption budget."""
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ResumeConfig:
@@ -256,6 +261,7 @@ def _validate_cluster(c: ClusterConfig) -> None:
         ("--max-in-flight", c.max_in_flight),
         ("--gpus-per-worker", c.gpus_per_worker),
         ("--cpus-per-worker", c.cpus_per_worker),
+        ("--stall-timeout", c.stall_timeout_s),
     ):
         _positive(value, option)
     if c.workers is not None and (c.min_workers is not None or c.max_workers is not None):

@@ -235,6 +235,8 @@ def _generate(
             on_commit,
             budget,
             max_in_flight=config.shards_in_flight(),
+            heartbeat=lambda w: w.handle.heartbeat.remote(),
+            stall_timeout_s=config.cluster.stall_timeout_s,
             on_tick=on_tick,
         )
         try:

@@ -105,6 +105,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     c.add_argument("--max-preemptions", type=int, default=config_lib.ClusterConfig.max_preemptions)
     c.add_argument("--max-failures", type=int, default=config_lib.ClusterConfig.max_failures)
+    c.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=config_lib.ClusterConfig.stall_timeout_s,
+        metavar="SECONDS",
+        help="replace a worker that holds shards and makes no progress for this long",
+    )
     r = p.add_argument_group("existing output")
     r.add_argument("--resume", action="store_true", help="continue the job in --output")
     r.add_argument("--overwrite", action="store_true", help="replace what is in --output")
@@ -159,6 +166,7 @@ def config_from_args(a: argparse.Namespace) -> config_lib.JobConfig:
             max_in_flight=a.max_in_flight,
             max_preemptions=a.max_preemptions,
             max_failures=a.max_failures,
+            stall_timeout_s=a.stall_timeout,
         ),
         resume=config_lib.ResumeConfig(resume=a.resume, overwrite=a.overwrite),
     )

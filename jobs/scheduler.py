@@ -5,6 +5,9 @@ the worker gets the next queued shard, so fast and slow hosts balance
 themselves. Outcomes follow ``griffin_batch.cluster.faults``: a preempted shard goes back to
 the front of the queue and its worker is replaced; a failed shard is retried
 within its budget; a shard out of budget is reported and the rest go on. A
+worker that holds shards but whose heartbeat stops rising (or that stops
+answering) for ``stall_timeout_s`` is hung: it is killed, which turns its
+shards into preemptions, and replaced. A
 worker that cannot start for good (``pool.WorkerPool.fatal``) stops the loop
 at once: every shard not yet committed is reported with that cause.
 """
@@ -25,6 +28,7 @@ from griffin_batch.cluster import faults, pool
 log = logging.getLogger(__name__)
 
 Submit = Callable[[pool.Worker, shards.ShardSpec, int], ray.ObjectRef]
+Heartbeat = Callable[[pool.Worker], ray.ObjectRef]
 OnCommit = Callable[[shards.ShardResult], None]
 
 
@@ -63,6 +67,16 @@ class Report:
 
 
 @dataclasses.dataclass
+class _Watch:
+    """What the stall watchdog knows of one busy worker."""
+
+    since: float  # when its heartbeat last rose (or it became busy)
+    value: int | None = None  # the last heartbeat
+    probe: ray.ObjectRef | None = None  # a heartbeat call not yet answered
+    sent: float = float("-inf")  # when that call was made
+
+
+@dataclasses.dataclass
 class _Attempt:
     shard: shards.ShardSpec
     worker: pool.Worker
@@ -79,6 +93,8 @@ class Scheduler:
       budget: Retry budgets per shard.
       max_in_flight: Shards queued per worker.
       on_tick: Called every loop iteration (progress display).
+      heartbeat: Asks a worker for its progress counter (None: no stall watch).
+      stall_timeout_s: How long a busy worker's counter may stay still.
     """
 
     def __init__(
@@ -90,6 +106,8 @@ class Scheduler:
         *,
         max_in_flight: int = 2,
         on_tick: Callable[[], None] = lambda: None,
+        heartbeat: Heartbeat | None = None,
+        stall_timeout_s: float = faults.DEFAULT_STALL_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.workers = workers
@@ -104,6 +122,9 @@ class Scheduler:
         self._attempts: collections.Counter = collections.Counter()
         self._failed: dict[str, str] = {}
         self._stats: dict[str, WorkerStats] = collections.defaultdict(WorkerStats)
+        self._heartbeat = heartbeat
+        self.stall_timeout_s = stall_timeout_s
+        self._watch: dict[str, _Watch] = {}
 
     def run(self, todo: Sequence[shards.ShardSpec]) -> Report:
         """Processes ``todo``; returns when every shard is committed or given up."""
@@ -131,6 +152,7 @@ class Scheduler:
                 self._give_up_all(self.workers.fatal)
                 break
             self.workers.expire_starting()
+            self._watch_stalls()
             self._on_tick()
         return Report(
             failed=dict(self._failed),
@@ -191,6 +213,30 @@ class Scheduler:
             self._failed[shard_id] = (
                 f"gave up after {self._attempts[shard_id]} attempts: {outcome.message}"
             )
+
+    def _watch_stalls(self) -> None:
+        """Probes busy workers' heartbeats; kills one that has not advanced in time."""
+        if self._heartbeat is None:
+            return
+        now = self._clock()
+        busy = {a.worker.name: a.worker for a in self._in_flight.values() if a.worker.lost is None}
+        self._watch = {n: w for n, w in self._watch.items() if n in busy}  # idle time is free
+        for name, worker in busy.items():
+            watch = self._watch.setdefault(name, _Watch(since=now))
+            if watch.probe is not None and ray.wait([watch.probe], timeout=0)[0]:
+                outcome = faults.resolve(watch.probe)
+                watch.probe = None
+                # A dead worker's shards report it themselves; only a rise counts here.
+                if isinstance(outcome, faults.Success) and outcome.value != watch.value:
+                    watch.value, watch.since = outcome.value, now
+            if watch.probe is None and now - watch.sent >= faults.HEARTBEAT_INTERVAL_S:
+                watch.probe, watch.sent = self._heartbeat(worker), now
+            if now - watch.since > self.stall_timeout_s:
+                del self._watch[name]
+                # Killing it fails its in-flight shards as preemptions (see _finish).
+                self.workers.lose(
+                    worker, f"hung: no progress for {self.stall_timeout_s:.0f}s (--stall-timeout)"
+                )
 
     def _give_up_all(self, reason: str) -> None:
         """Reports every queued and in-flight shard as failed with ``reason``."""

@@ -241,6 +241,9 @@ class Engine:
         # The current stream's queue and prefill group, for snapshots.
         self._pending = _Pending(())
         self._group: _PrefillGroup | None = None
+        # Decode rounds and prefill chunks run so far: rises while the engine
+        # works, so a watchdog can tell a busy engine from a hung one.
+        self.rounds_done = 0
 
     # Public API -----------------------------------------------------------
     def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
@@ -287,6 +290,7 @@ class Engine:
                 if self._group is None:
                     break
                 self._group.advance(self)
+                self.rounds_done += 1
                 if self._group.done:
                     self._finish_group(self._group)
                     self._group = None
@@ -434,6 +438,7 @@ class Engine:
             steps=ec.decode_steps, ring_limit=self._ring_limit(ec.decode_steps),
             scan=ec.scan_implementation)
         self.cache = self._on_slots(cache)
+        self.rounds_done += 1
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
         for slot, s in enumerate(live):
             if s is not None:

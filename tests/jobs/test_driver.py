@@ -181,3 +181,46 @@ def test_process_local_storage(write_parquet, prompts, job_config):
     table = read_output(out)
     assert_exactly_once(table, [f"a.parquet#{i}" for i in range(6)])
     assert all(table.column("completion").to_pylist())
+
+
+def test_stopped_worker_is_declared_hung_and_replaced(tmp_path, write_parquet, prompts, job_config):
+    """SIGSTOP: the worker is alive to Ray but makes no progress; the watchdog replaces it."""
+    stall_s = 15.0
+    ids = [f"r{i:03d}" for i in range(24)]
+    path = write_parquet(
+        str(tmp_path / "in.parquet"),
+        {"prompt": [prompts[i % len(prompts)] for i in range(24)], "id": ids},
+        row_group_size=3,
+    )
+    out = str(tmp_path / "out")
+    outcome = {}
+
+    def run():
+        outcome["result"] = driver.run(
+            job_config([path], out, workers=1, shard_rows=3, stall_timeout_s=stall_s),
+            say=lambda _: None,
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_for(
+        lambda: os.path.isdir(f"{out}/{manifest_lib.COMMITS_DIR}") and committed_shards(out),
+        START_TIMEOUT_S,
+        "the first committed shard",
+    )
+    victim = _a_live_worker_pid()
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        thread.join(timeout=600)
+        assert not thread.is_alive()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+    result = outcome["result"]
+    assert result.succeeded
+    assert_exactly_once(read_output(out), ids)
+    summary = result.summary
+    (hung,) = [w for w in summary["workers"] if w["lost"]]
+    assert hung["lost"].startswith(f"hung: no progress for {stall_s:.0f}s"), hung
+    assert summary["retries"]["preempted"] >= 1 and summary["retries"]["failed"] == 0
+    assert len(summary["workers"]) == 2 and summary["shards"]["committed"] == 8
