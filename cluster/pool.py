@@ -41,7 +41,6 @@ class Worker:
       info: What ``ready()`` returned (host, devices, ...), None until ready.
       ready_at: Monotonic time it became ready.
       lost: Why it was removed, None while in service.
-      host: Where it runs, once known (hostname, or node address from Ray).
     """
 
     index: int
@@ -52,7 +51,6 @@ class Worker:
     info: Mapping[str, Any] | None = None
     ready_at: float | None = None
     lost: str | None = None
-    host: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -174,10 +172,8 @@ class WorkerPool:
         else:
             if "start_error" not in info:
                 worker.info, worker.ready_at = info, self._clock()
-                worker.host = info.get("hostname")
                 return faults.Success(info)
             failure = faults.StartFailure(str(info["start_error"]), str(info.get("hostname")))
-        worker.host = failure.host
         self.fatal = failure.describe(worker.name)
         self._retire(worker, self.fatal, level=logging.INFO)  # the caller reports it
         return faults.Failed(self.fatal)

@@ -76,11 +76,15 @@ def _a_live_worker_pid() -> int:
     raise AssertionError("no live worker")
 
 
-def test_killed_worker_loses_nothing(tmp_path, write_parquet, prompts, job_config):
-    ids = [f"r{i:03d}" for i in range(48)]
+def _start_job(tmp_path, write_parquet, prompts, job_config, num_rows, **cluster):
+    """Runs a 3-row-shard job in a thread; returns (ids, out, join) once a shard has committed.
+
+    ``join()`` waits for the job and returns its ``JobResult``.
+    """
+    ids = [f"r{i:03d}" for i in range(num_rows)]
     path = write_parquet(
         str(tmp_path / "in.parquet"),
-        {"prompt": [prompts[i % len(prompts)] for i in range(48)], "id": ids},
+        {"prompt": [prompts[i % len(prompts)] for i in range(num_rows)], "id": ids},
         row_group_size=3,
     )
     out = str(tmp_path / "out")
@@ -88,7 +92,7 @@ def test_killed_worker_loses_nothing(tmp_path, write_parquet, prompts, job_confi
 
     def run():
         outcome["result"] = driver.run(
-            job_config([path], out, workers=2, shard_rows=3), say=lambda _: None
+            job_config([path], out, shard_rows=3, **cluster), say=lambda _: None
         )
 
     thread = threading.Thread(target=run)
@@ -98,11 +102,19 @@ def test_killed_worker_loses_nothing(tmp_path, write_parquet, prompts, job_confi
         START_TIMEOUT_S,
         "the first committed shard",
     )
-    os.kill(_a_live_worker_pid(), signal.SIGKILL)
-    thread.join(timeout=600)
-    assert not thread.is_alive()
 
-    result = outcome["result"]
+    def join():
+        thread.join(timeout=600)
+        assert not thread.is_alive()
+        return outcome["result"]
+
+    return ids, out, join
+
+
+def test_killed_worker_loses_nothing(tmp_path, write_parquet, prompts, job_config):
+    ids, out, join = _start_job(tmp_path, write_parquet, prompts, job_config, 48, workers=2)
+    os.kill(_a_live_worker_pid(), signal.SIGKILL)
+    result = join()
     assert result.succeeded
     assert_exactly_once(read_output(out), ids)
     summary = result.summary
@@ -186,37 +198,16 @@ def test_process_local_storage(write_parquet, prompts, job_config):
 def test_stopped_worker_is_declared_hung_and_replaced(tmp_path, write_parquet, prompts, job_config):
     """SIGSTOP: the worker is alive to Ray but makes no progress; the watchdog replaces it."""
     stall_s = 15.0
-    ids = [f"r{i:03d}" for i in range(24)]
-    path = write_parquet(
-        str(tmp_path / "in.parquet"),
-        {"prompt": [prompts[i % len(prompts)] for i in range(24)], "id": ids},
-        row_group_size=3,
-    )
-    out = str(tmp_path / "out")
-    outcome = {}
-
-    def run():
-        outcome["result"] = driver.run(
-            job_config([path], out, workers=1, shard_rows=3, stall_timeout_s=stall_s),
-            say=lambda _: None,
-        )
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    wait_for(
-        lambda: os.path.isdir(f"{out}/{manifest_lib.COMMITS_DIR}") and committed_shards(out),
-        START_TIMEOUT_S,
-        "the first committed shard",
+    ids, out, join = _start_job(
+        tmp_path, write_parquet, prompts, job_config, 24, workers=1, stall_timeout_s=stall_s
     )
     victim = _a_live_worker_pid()
     os.kill(victim, signal.SIGSTOP)
     try:
-        thread.join(timeout=600)
-        assert not thread.is_alive()
+        result = join()
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
-    result = outcome["result"]
     assert result.succeeded
     assert_exactly_once(read_output(out), ids)
     summary = result.summary
