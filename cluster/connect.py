@@ -6,7 +6,9 @@ import dataclasses
 import logging
 import os
 import socket
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 
 import ray
 
@@ -98,13 +100,143 @@ def check_reachable(address: str, timeout_s: float = faults.CONNECT_TIMEOUT_S) -
     Raises:
       ConnectionError: Nothing answers at ``address``.
     """
-    host, sep, port = address.rpartition(":")
-    if not sep or "://" in address or not port.isdigit():
+    host_port = _host_port(address)
+    if host_port is None:
         return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        socket.create_connection(host_port, timeout=timeout_s).close()
     except OSError as e:
         raise ConnectionError(f"no Ray cluster answers at {address}: {e}") from None
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``host:port`` address; None for other forms."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def answers(address: str, timeout_s: float) -> bool:
+    """Whether something accepts a TCP connection at ``host:port`` within ``timeout_s``."""
+    host_port = _host_port(address)
+    if host_port is None:
+        raise ValueError(f"not a host:port address: {address!r}")
+    try:
+        socket.create_connection(host_port, timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+class ClusterWatch:
+    """Tells, from a daemon thread, when a Ray cluster stops answering.
+
+    Ray does not tell a driver that its cluster is gone: calls to actors on dead
+    nodes fail one by one like preemptions, and a call that needs the GCS (such as
+    creating a named actor, which replacing a lost worker does) blocks until Ray's
+    own reconnect timeout, when Ray ends the process with exit status 1 and no word
+    of ours (``faults.RAY_GCS_RECONNECT_TIMEOUT_S``). So the watch tries a TCP
+    connection to each endpoint every ``interval_s``; one that accepts none for
+    ``timeout_s`` makes the cluster lost (``lost``). A process that is alive but
+    stopped still accepts connections: that is the stall watchdog's case.
+
+    Args:
+      endpoints: Name -> ``host:port`` of what to probe (the GCS; this machine's raylet).
+      timeout_s: How long an endpoint may go unanswered.
+      grace_s: Once lost, how long the caller has to ``stop`` the watch (having
+        seen ``lost``) before ``on_stuck`` runs.
+      on_stuck: Called once, on the watch's thread, with ``lost`` when the caller did
+        not stop the watch in time: its thread is waiting inside Ray for the lost
+        GCS. It may end the process; ``stop`` waits for it to return.
+      interval_s: Between probes; also the time one probe may take.
+      probe: ``probe(address, timeout_s)``: whether the endpoint answers.
+    """
+
+    def __init__(
+        self,
+        endpoints: Mapping[str, str],
+        *,
+        timeout_s: float = faults.CLUSTER_LOST_TIMEOUT_S,
+        grace_s: float = faults.CLUSTER_LOST_GRACE_S,
+        on_stuck: Callable[[str], None] | None = None,
+        interval_s: float = faults.CLUSTER_PROBE_INTERVAL_S,
+        probe: Callable[[str, float], bool] = answers,
+    ):
+        self.endpoints = dict(endpoints)
+        self.timeout_s = timeout_s
+        self.grace_s = grace_s
+        self.interval_s = interval_s
+        self._on_stuck = on_stuck
+        self._probe = probe
+        self._lost: str | None = None
+        self._stopping = threading.Event()
+        self._stopped = False
+        self._lock = threading.Lock()  # held while on_stuck runs
+        self._thread = threading.Thread(target=self._run, name="cluster-watch", daemon=True)
+
+    def start(self) -> ClusterWatch:
+        """Starts probing; returns self."""
+        if self.endpoints:
+            self._thread.start()
+        return self
+
+    @property
+    def lost(self) -> str | None:
+        """Why the cluster counts as lost (one line naming the endpoint), or None."""
+        return self._lost
+
+    def stop(self) -> None:
+        """Ends the watch; after this ``on_stuck`` does not run (waits for it if it is running)."""
+        self._stopping.set()
+        with self._lock:
+            self._stopped = True
+
+    def _run(self) -> None:
+        since = {name: time.monotonic() for name in self.endpoints}  # last answer
+        while self._lost is None and not self._stopping.wait(self.interval_s):
+            for name, address in self.endpoints.items():
+                now = time.monotonic()
+                if self._probe(address, self.interval_s):
+                    since[name] = now
+                elif now - since[name] >= self.timeout_s:
+                    self._lost = (
+                        f"{name} at {address} stopped answering "
+                        f"(no connection for {now - since[name]:.0f} s)"
+                    )
+                    break
+        if self._lost is None or self._stopping.wait(self.grace_s):
+            return
+        with self._lock:
+            if not self._stopped and self._on_stuck is not None:
+                self._on_stuck(self._lost)
+
+
+def watch(connection: Connection, on_stuck: Callable[[str], None] | None = None) -> ClusterWatch:
+    """A started ``ClusterWatch`` of ``connection``'s GCS and of this machine's raylet.
+
+    Its timeouts stay inside Ray's own (``faults.cluster_lost_timing``).
+    """
+    endpoints = {}
+    if _host_port(connection.address) is not None:
+        endpoints["the Ray cluster"] = connection.address
+    raylet = _local_raylet_address()
+    if raylet is not None:
+        endpoints["the Ray node on this machine"] = raylet
+    timeout_s, grace_s = faults.cluster_lost_timing()
+    return ClusterWatch(endpoints, timeout_s=timeout_s, grace_s=grace_s, on_stuck=on_stuck).start()
+
+
+def _local_raylet_address() -> str | None:
+    """``host:port`` of the raylet this process is connected to, if Ray says."""
+    try:
+        node_id = ray.get_runtime_context().get_node_id()
+        for node in ray.nodes():
+            if node.get("NodeID") == node_id and node.get("Alive"):
+                return f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
+    except Exception:  # noqa: BLE001 - the GCS probe alone is a fine watch
+        return None
+    return None
 
 
 def _started_cluster_address() -> str | None:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import re
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import ray
@@ -42,12 +43,56 @@ DEFAULT_STALL_TIMEOUT_S = 600.0
 hung (a stopped process, a wedged device) and is replaced. Generous: the first
 compile of a large model on a TPU host can take minutes."""
 
+DRAIN_GRACE_S = 25.0
+"""A worker sent SIGTERM writes its shards' checkpoints within this, then exits
+(GCE gives a preempted VM 30 s, Kubernetes a pod 30 s by default)."""
+
 CONNECT_TIMEOUT_S = 10.0
 """How long the driver waits for a Ray cluster's address to accept a connection."""
+
+RAY_GCS_RECONNECT_TIMEOUT_S = 60.0
+"""Ray's default ``gcs_rpc_server_reconnect_timeout_s`` (``RAY_GCS_RECONNECT_ENV``
+sets it): once a GCS call has waited this long for an unreachable GCS, Ray's core
+worker ends the process with ``std::_Exit(1)``, leaving one line in Ray's log format
+(``src/ray/gcs_rpc_client/rpc_client.h``). A driver's calls that need the GCS, such
+as creating a named actor, block until then."""
+
+RAY_GCS_RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
+
+CLUSTER_LOST_TIMEOUT_S = 30.0
+"""The driver gives up on a cluster whose GCS (or whose raylet on the driver's
+machine) has accepted no connection for this long: half of Ray's reconnect
+timeout, so that the job's own message, summary and exit status come first."""
+
+CLUSTER_LOST_GRACE_S = 10.0
+"""Once the cluster is lost, how long the driver's loop has to stop by itself
+before the job is ended from the watching thread (the loop cannot stop while a
+Ray call waits for the GCS)."""
+
+CLUSTER_PROBE_INTERVAL_S = 1.0
+"""How often the driver tries a connection to the GCS and its raylet; also how
+long one try may take."""
 
 # Retry budgets (attempts beyond the first). -----------------------------
 DEFAULT_MAX_PREEMPTIONS = 6
 DEFAULT_MAX_FAILURES = 2
+
+
+def cluster_lost_timing(environ: Mapping[str, str] | None = None) -> tuple[float, float]:
+    """``(timeout_s, grace_s)`` of the driver's cluster watch, inside Ray's own GCS timeout.
+
+    Both are ``CLUSTER_LOST_TIMEOUT_S`` and ``CLUSTER_LOST_GRACE_S``, shrunk in proportion
+    where ``RAY_GCS_RECONNECT_ENV`` in ``environ`` (default: this process's) sets Ray's
+    reconnect timeout below its default, so that Ray cannot end the driver first. A
+    longer Ray timeout leaves them as they are.
+    """
+    environ = os.environ if environ is None else environ
+    try:
+        ray_s = float(environ.get(RAY_GCS_RECONNECT_ENV, RAY_GCS_RECONNECT_TIMEOUT_S))
+    except ValueError:
+        ray_s = RAY_GCS_RECONNECT_TIMEOUT_S
+    scale = min(1.0, max(ray_s, 1.0) / RAY_GCS_RECONNECT_TIMEOUT_S)
+    return CLUSTER_LOST_TIMEOUT_S * scale, CLUSTER_LOST_GRACE_S * scale
 
 
 class WorkerLost(RuntimeError):

@@ -8,22 +8,27 @@
 
 Exit status: 0 all shards committed; 1 some shard failed (see summary.json);
 2 bad job input, no reachable cluster, or a worker that cannot start (a
-missing package or checkpoint on its host: no retry fixes it); 130 interrupted
-(rerun with --resume).
+missing package or checkpoint on its host: no retry fixes it); 3 the Ray
+cluster stopped answering mid-run (its GCS or this machine's raylet accepted no
+connection for 30 s, ``griffin_batch.cluster.faults.CLUSTER_LOST_TIMEOUT_S``;
+committed shards are kept: rerun with --resume); 130 interrupted (rerun with
+--resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from griffin_batch.jobs import config as config_lib
 from griffin_batch.jobs import driver
 from griffin_batch.model import engine_config
 
-EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_INPUT, EXIT_CLUSTER_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -115,6 +120,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("existing output")
     r.add_argument("--resume", action="store_true", help="continue the job in --output")
     r.add_argument("--overwrite", action="store_true", help="replace what is in --output")
+    r.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=config_lib.ResumeConfig.checkpoint_every_s,
+        metavar="SECONDS",
+        help="write each running shard's progress this often (and when a worker is told to "
+        "stop); a retried or resumed shard continues from it mid-sequence. 0: never",
+    )
 
 
 def config_from_args(a: argparse.Namespace) -> config_lib.JobConfig:
@@ -168,7 +181,9 @@ def config_from_args(a: argparse.Namespace) -> config_lib.JobConfig:
             max_failures=a.max_failures,
             stall_timeout_s=a.stall_timeout,
         ),
-        resume=config_lib.ResumeConfig(resume=a.resume, overwrite=a.overwrite),
+        resume=config_lib.ResumeConfig(
+            resume=a.resume, overwrite=a.overwrite, checkpoint_every_s=a.checkpoint_every
+        ),
     )
 
 
@@ -185,7 +200,11 @@ def run(args: argparse.Namespace, prog: str = "griffin-batch generate") -> int:
     """Runs the job from parsed arguments; returns the exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = driver.run(config_from_args(args), say=_say)
+        result = driver.run(
+            config_from_args(args),
+            say=_say,
+            on_cluster_lost=lambda stuck: _exit_stuck(stuck, prog),
+        )
     except (config_lib.JobInputError, ConnectionError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -195,8 +214,20 @@ def run(args: argparse.Namespace, prog: str = "griffin-batch generate") -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    return _report(result, prog)
+
+
+def _report(result: driver.JobResult, prog: str) -> int:
+    """Prints how the job ended (an error line first if it stopped early); returns the exit status."""
     s = result.summary
-    if result.fatal:
+    if result.cluster_lost:
+        print(
+            f"{prog}: error: {result.fatal}; {s['shards']['committed']} of "
+            f"{s['shards']['total']} shard(s) committed are kept: rerun with --resume "
+            f"to finish {result.output}",
+            file=sys.stderr,
+        )
+    elif result.fatal:
         print(f"{prog}: error: {result.fatal}", file=sys.stderr)
     print(
         f"wrote {s['samples']} output row(s) for {s['rows']} of {s['input_rows']} input row(s), "
@@ -207,6 +238,8 @@ def run(args: argparse.Namespace, prog: str = "griffin-batch generate") -> int:
         f"({s['completion_tokens']} tokens, {s['tokens_per_s']} tok/s, "
         f"{s['wall_time_s']}s)"
     )
+    if result.cluster_lost:
+        return EXIT_CLUSTER_LOST
     if result.fatal:
         print(
             "stopped at the first worker that could not start (a retry cannot fix it); "
@@ -222,6 +255,20 @@ def run(args: argparse.Namespace, prog: str = "griffin-batch generate") -> int:
         )
         return EXIT_FAILED_SHARDS
     return EXIT_OK
+
+
+def _exit_stuck(result: driver.JobResult, prog: str) -> NoReturn:
+    """Reports the job and ends the process, whose main thread waits inside Ray for a lost cluster.
+
+    Called on the driver's watch thread (``driver.run``'s ``on_cluster_lost``), the
+    summary already written. Nothing can unblock the main thread, and Ray's own exit
+    would come later, with status 1 and no word of the job.
+    """
+    print(file=sys.stderr)  # ends the progress bar's line
+    code = _report(result, prog)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ worker that holds shards but whose heartbeat stops rising (or that stops
 answering) for ``stall_timeout_s`` is hung: it is killed, which turns its
 shards into preemptions, and replaced. A
 worker that cannot start for good (``pool.WorkerPool.fatal``) stops the loop
-at once: every shard not yet committed is reported with that cause.
+at once: every shard not yet committed is reported with that cause. So does a
+cluster that stops answering (``cluster_lost``): nothing can run on it.
 """
 
 from __future__ import annotations
@@ -57,13 +58,16 @@ class Report:
       failed: Shards out of retries, with their last error.
       stats: Per worker name.
       retries: Retries charged, by outcome.
-      fatal: Why the loop stopped early (a worker that cannot start), or None.
+      fatal: Why the loop stopped early (a worker that cannot start, the cluster
+        lost), or None.
+      cluster_lost: The loop stopped because the cluster stopped answering.
     """
 
     failed: dict[str, str]
     stats: dict[str, WorkerStats]
     retries: dict[str, int]
     fatal: str | None = None
+    cluster_lost: bool = False
 
 
 @dataclasses.dataclass
@@ -95,6 +99,7 @@ class Scheduler:
       on_tick: Called every loop iteration (progress display).
       heartbeat: Asks a worker for its progress counter (None: no stall watch).
       stall_timeout_s: How long a busy worker's counter may stay still.
+      cluster_lost: Why the cluster counts as lost, or None (``connect.ClusterWatch.lost``).
     """
 
     def __init__(
@@ -108,6 +113,7 @@ class Scheduler:
         on_tick: Callable[[], None] = lambda: None,
         heartbeat: Heartbeat | None = None,
         stall_timeout_s: float = faults.DEFAULT_STALL_TIMEOUT_S,
+        cluster_lost: Callable[[], str | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.workers = workers
@@ -125,6 +131,9 @@ class Scheduler:
         self._heartbeat = heartbeat
         self.stall_timeout_s = stall_timeout_s
         self._watch: dict[str, _Watch] = {}
+        self._cluster_lost = cluster_lost
+        self._lost: str | None = None
+        self.finished = False  # run has returned: its report is final
 
     def run(self, todo: Sequence[shards.ShardSpec]) -> Report:
         """Processes ``todo``; returns when every shard is committed or given up."""
@@ -151,14 +160,24 @@ class Scheduler:
             if self.workers.fatal is not None:
                 self._give_up_all(self.workers.fatal)
                 break
+            self._lost = self._cluster_lost()
+            if self._lost is not None:
+                self._give_up_all(self._lost)
+                break
             self.workers.expire_starting()
             self._watch_stalls()
             self._on_tick()
+        self.finished = True
+        return self.report()
+
+    def report(self) -> Report:
+        """The outcome so far (``run`` returns it when it ends)."""
         return Report(
             failed=dict(self._failed),
             stats=dict(self._stats),
             retries=self.budget.totals,
-            fatal=self.workers.fatal,
+            fatal=self.workers.fatal or self._lost,
+            cluster_lost=self._lost is not None,
         )
 
     def _load(self) -> collections.Counter:
