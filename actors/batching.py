@@ -1,32 +1,42 @@
-"""One engine stream shared by every shard a worker holds.
+"""One engine stream shared by every shard a worker holds, with their checkpoints.
 
 A worker runs several ``process_shard`` calls at once (the driver keeps a
 bounded number in flight), but one engine serves them all: each call submits
-its requests to an ``EngineLoop`` and waits for its own completions, while a
-single thread keeps ``engine.generate`` fed. When one shard's requests run
-out, the next shard's are already queued, so slots refill without draining
-the batch between shards.
+its work to an ``EngineLoop`` and waits for its own completions, while a
+single thread keeps ``engine.stream`` fed. When one shard's requests run out,
+the next shard's are already queued, so slots refill without draining the
+batch between shards.
 
 The request feed handed to the engine never blocks while the engine holds
-unfinished requests: it yields ``NOTHING_YET`` instead, the engine goes on
-decoding and asks again at its next admission, so a request submitted while a
-long one decodes starts within one round. The feed blocks only when the
-engine is idle, so it can never stall decoding; the stream never ends.
+unfinished samples: it yields ``NOTHING_YET`` instead, the engine goes on
+decoding and asks again at its next admission, so work submitted while a long
+sample decodes starts within one round. The feed blocks only when the engine
+is idle, so it can never stall decoding; the stream never ends.
+
+Checkpoints are taken on the engine thread between decode rounds, when no
+computed chunk is waiting to be handed out (so the engine's snapshot and the
+outputs gathered here agree), and written by one writer thread, one
+checkpoint at a time: decoding pauses only for the copy of the slots' state
+off the device and of the tokens new since the previous checkpoint.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import time
+from collections.abc import Iterator, Sequence
 
+from griffin_batch.actors.progress import ShardCheckpointer, SoFar
 from griffin_batch.cluster import faults
 from griffin_batch.model import requests
+from griffin_batch.model.engine import SlotSnapshot
 
 log = logging.getLogger(__name__)
 
-Generate = Callable[[Iterable[requests.Request]], Iterator[requests.Completion]]
+Key = tuple[str, int]  # (request id, sample index)
 
 
 class EngineAccountingError(RuntimeError):
@@ -34,16 +44,39 @@ class EngineAccountingError(RuntimeError):
 
 
 class Batch:
-    """The pending completions of one submitted group of requests."""
+    """The pending completions of one submitted group of work (one shard attempt).
 
-    def __init__(self, request_list: Sequence[requests.Request]):
-        self.request_ids = [r.request_id for r in request_list]
-        self._expected = sum(r.params.n for r in request_list)
-        self._seen: set[tuple[str, int]] = set()
-        self.completions: list[requests.Completion] = []
+    Args:
+      request_list: Requests to run from their prompts (all ``params.n`` samples).
+      resumed: Single samples to continue: a decoding sample's snapshot with its
+        output so far, or a ``pending`` snapshot (one sample run from its prompt).
+      finished: Samples already finished (from a checkpoint).
+      checkpointer: Where this batch's progress goes (None: no checkpoints).
+      checkpoint_every_s: Interval between its checkpoints.
+      restored_tokens: Generated tokens ``resumed`` and ``finished`` carry.
+    """
+
+    def __init__(self, request_list: Sequence[requests.Request],
+                 resumed: Sequence[tuple[SlotSnapshot, SoFar]] = (),
+                 finished: Sequence[requests.Completion] = (),
+                 checkpointer: ShardCheckpointer | None = None,
+                 checkpoint_every_s: float | None = None, restored_tokens: int = 0):
+        self.restored_tokens = restored_tokens
+        self.requests = list(request_list)
+        self.resumed = list(resumed)
+        self.request_ids = sorted({r.request_id for r in self.requests}
+                                  | {s.request.request_id for s, _ in self.resumed})
+        self.completions: list[requests.Completion] = list(finished)
+        self._expected = (sum(r.params.n for r in self.requests) + len(self.resumed)
+                          + len(self.completions))
+        self._seen: set[Key] = {(c.request_id, c.sample_index) for c in self.completions}
+        self.checkpointer = checkpointer
+        self.checkpoint_every_s = checkpoint_every_s
+        self.next_checkpoint = (time.monotonic() + checkpoint_every_s
+                                if checkpoint_every_s else float("inf"))
         self._error: BaseException | None = None
         self._done = threading.Event()
-        if not self._expected:
+        if len(self.completions) >= self._expected:
             self._done.set()
 
     def _add(self, completion: requests.Completion) -> None:
@@ -75,40 +108,48 @@ class Batch:
 
 
 class EngineLoop:
-    """Serves requests from many threads through one ``generate`` stream.
+    """Serves work from many threads through one engine stream.
 
     Args:
-      generate: The engine's ``generate`` (requests in, completions out in
-        finish order, each request's ``params.n`` samples).
+      engine: A ``model.Engine`` (``stream``, ``snapshot``, ``between_rounds``).
     """
 
-    def __init__(self, generate: Generate):
-        self._generate = generate
+    def __init__(self, engine):
+        self._engine = engine
         self._cond = threading.Condition()
-        self._queue: collections.deque[requests.Request] = collections.deque()
+        self._queue: collections.deque = collections.deque()  # Requests and SlotSnapshots
         self._owner: dict[str, Batch] = {}  # request id -> batch, until the batch is done
-        self._left: dict[str, int] = {}  # samples still owed by the engine, per pulled request
+        self._left: dict[str, int] = {}  # samples still owed by the engine, per request id
+        self._outputs: dict[Key, SoFar] = {}  # output so far of samples being served
         self._fatal: BaseException | None = None
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, "checkpoint-writer")
+        self._writing: concurrent.futures.Future | None = None
+        self._drain: tuple[threading.Event, str] | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
-    def submit(self, request_list: Sequence[requests.Request]) -> Batch:
-        """Queues requests behind those already waiting; returns their batch.
+    def submit(self, batch: Batch) -> Batch:
+        """Queues a batch's work behind the work already waiting; returns it.
 
         Raises:
-          WorkerLost: The engine has stopped.
+          WorkerLost: The engine has stopped, or the worker is draining.
           ValueError: A request id is already being served.
         """
-        batch = Batch(request_list)
         with self._cond:
             if self._fatal is not None:
                 raise faults.WorkerLost(f"engine stopped: {self._fatal!r}")
-            clash = [r.request_id for r in request_list if r.request_id in self._owner]
+            if self._drain is not None:
+                raise faults.WorkerLost(f"worker is draining: {self._drain[1]}")
+            clash = [rid for rid in batch.request_ids if rid in self._owner]
             if clash:
                 raise ValueError(f"request ids already in flight: {clash[:5]}")
-            for r in request_list:
-                self._owner[r.request_id] = batch
-            self._queue.extend(request_list)
+            for rid in batch.request_ids:
+                self._owner[rid] = batch
+            for snap, so_far in batch.resumed:
+                if not snap.pending:
+                    self._outputs[(snap.request.request_id, snap.sample_index)] = so_far
+            self._queue.extend(batch.requests)
+            self._queue.extend(snap for snap, _ in batch.resumed)
             self._cond.notify_all()
         return batch
 
@@ -119,9 +160,29 @@ class EngineLoop:
                 if self._owner.get(rid) is batch:
                     del self._owner[rid]
 
+    def drain(self, reason: str, timeout_s: float) -> bool:
+        """Checkpoints every batch at the next round boundary, then fails them all.
+
+        Each batch's ``wait`` raises ``WorkerLost(reason)`` afterwards (the
+        driver runs the shards elsewhere, from these checkpoints), and new
+        work is refused. Returns whether the checkpoints were written within
+        ``timeout_s``.
+        """
+        done = threading.Event()
+        with self._cond:
+            if self._drain is None:
+                self._drain = (done, reason)
+            done = self._drain[0]
+            self._cond.notify_all()
+        finished = done.wait(timeout_s)
+        if not finished:
+            log.warning("drain: checkpoints not written within %.0fs", timeout_s)
+            self._fail_all(faults.WorkerLost(f"worker drained: {reason}"))
+        return finished
+
     @property
     def queued(self) -> int:
-        """Requests submitted and not yet taken by the engine."""
+        """Work items submitted and not yet taken by the engine."""
         with self._cond:
             return len(self._queue)
 
@@ -131,35 +192,64 @@ class EngineLoop:
         return self._fatal
 
     # Engine thread ------------------------------------------------------------
-    def _feed(self) -> Iterator[requests.Request]:
+    def _feed(self) -> Iterator:
         while True:
             with self._cond:
-                while not self._queue and not self._left:
-                    self._cond.wait()  # the engine is idle: nothing to stall
-                if not self._queue:
+                # Block only while the engine is idle: nothing to stall.
+                while not self._queue and not self._left and self._drain is None:
+                    self._cond.wait()
+                if self._drain is not None:
+                    item = None
+                elif not self._queue:
                     item = requests.NOTHING_YET  # never stall what the engine decodes
                 else:
                     item = self._queue.popleft()
-                    self._left[item.request_id] = item.params.n
+                    rid = (item.request.request_id if isinstance(item, SlotSnapshot)
+                           else item.request_id)
+                    count = 1 if isinstance(item, SlotSnapshot) else item.params.n
+                    self._left[rid] = self._left.get(rid, 0) + count
+            if item is None:  # draining: checkpoint at this round boundary, then end
+                self._check_drain()
+                return
             yield item
 
     def _run(self) -> None:
         try:
-            while True:
+            while self._drain is None:
                 with self._cond:
-                    while not self._queue:
+                    while not self._queue and self._drain is None:
                         self._cond.wait()
-                for completion in self._generate(self._feed()):
-                    self._deliver(completion)
+                for chunk in self._engine.stream(self._feed()):
+                    self._on_chunk(chunk)
+                    if self._engine.between_rounds:
+                        if self._drain is not None:
+                            self._check_drain()
+                            break  # the engine stops; the process is about to go
+                        self._maybe_checkpoint()
                 self._fail_unfinished()
+            self._check_drain()
         except BaseException as error:  # noqa: BLE001 - a dead engine fails every waiter
             log.exception("engine stopped")
             with self._cond:
                 self._fatal = error
-                batches = set(self._owner.values())
                 self._queue.clear()
-            for b in batches:
-                b._fail(faults.WorkerLost(f"engine stopped: {error!r}"))
+            self._fail_all(faults.WorkerLost(f"engine stopped: {error!r}"))
+
+    def _on_chunk(self, chunk) -> None:
+        key = (chunk.request_id, chunk.sample_index)
+        so_far = self._outputs.get(key)
+        if so_far is None:
+            so_far = self._outputs[key] = SoFar()
+        so_far.extend(chunk.tokens, chunk.text, chunk.logprobs)
+        so_far.num_prompt_tokens = chunk.num_prompt_tokens
+        if chunk.finish_reason is None:
+            return
+        del self._outputs[key]
+        self._deliver(requests.Completion(
+            request_id=chunk.request_id, sample_index=chunk.sample_index,
+            tokens=so_far.tokens, text=so_far.text, finish_reason=chunk.finish_reason,
+            num_prompt_tokens=chunk.num_prompt_tokens, error=chunk.error,
+            logprobs=so_far.logprobs))
 
     def _deliver(self, completion: requests.Completion) -> None:
         rid = completion.request_id
@@ -174,6 +264,61 @@ class EngineLoop:
             return
         batch._add(completion)
 
+    # Checkpoints --------------------------------------------------------------
+    def _maybe_checkpoint(self, *, force: bool = False) -> None:
+        if self._writing is not None and not self._writing.done():
+            if not force:
+                return  # one write at a time: the next checkpoint carries this one's changes
+            self._writing.result()
+        now = time.monotonic()
+        with self._cond:
+            live = {id(b): b for b in self._owner.values()
+                    if b.checkpointer is not None and not b.done}
+        due = [b for b in live.values() if force or b.next_checkpoint <= now]
+        if not due:
+            return
+        decoding: dict[int, list] = collections.defaultdict(list)
+        for snap in self._engine.snapshot():
+            if snap.cache is None:  # not started: it reruns from its prompt
+                continue
+            batch = self._owner.get(snap.request.request_id)
+            key = (snap.request.request_id, snap.sample_index)
+            if batch is not None and id(batch) in live:
+                decoding[id(batch)].append((snap, self._outputs.get(key) or SoFar()))
+        jobs = []
+        for b in due:
+            if b.checkpoint_every_s:
+                b.next_checkpoint = now + b.checkpoint_every_s
+            ckpt = b.checkpointer.prepare(list(b.completions), decoding[id(b)])
+            if ckpt is not None:
+                jobs.append((b.checkpointer, ckpt))
+        if jobs:
+            self._writing = self._writer.submit(_write_all, jobs)
+
+    def _drain_pending(self) -> bool:
+        return self._drain is not None and not self._drain[0].is_set()
+
+    def _check_drain(self) -> None:
+        """Once, when draining: writes every batch's checkpoint, then fails them all."""
+        if not self._drain_pending():
+            return
+        event, reason = self._drain
+        try:
+            self._maybe_checkpoint(force=True)
+            if self._writing is not None:
+                self._writing.result()
+        finally:
+            with self._cond:
+                self._queue.clear()
+            self._fail_all(faults.WorkerLost(f"worker drained: {reason}"))
+            event.set()
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cond:
+            batches = set(self._owner.values())
+        for b in batches:
+            b._fail(error)
+
     def _fail_unfinished(self) -> None:
         with self._cond:
             owed, self._left = self._left, {}
@@ -183,3 +328,11 @@ class EngineLoop:
                 batch._fail(
                     EngineAccountingError(f"engine finished without completing request {rid!r}")
                 )
+
+
+def _write_all(jobs) -> None:
+    for checkpointer, ckpt in jobs:
+        try:
+            checkpointer.write(ckpt)
+        except Exception:  # noqa: BLE001 - a lost checkpoint costs recomputation, not the shard
+            log.exception("checkpoint %d of %s not written", ckpt.seq, checkpointer.store.path)

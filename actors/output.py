@@ -1,20 +1,29 @@
-"""The fixed output schema and atomic publication of one shard's Parquet file.
+"""The fixed output schema, attempt files and the one-way promotion of a shard's file.
 
-A shard's file appears under its final name only when complete:
+A worker never writes a shard's final name. Each attempt writes its own file,
+``<output>/_attempts/part-<shard id>.a<attempt>-<8 hex>.parquet`` (the random
+suffix makes two runs of the same attempt number distinct; Parquet dataset
+readers skip ``_``-prefixed directories), and reports the file's URL, size and
+SHA-256 with its statistics. The driver, and only the driver, then promotes the
+file it accepts to ``part-<shard id>.parquet`` (``promote``):
 
-* On file systems with an atomic rename (local disks), the file is written to
-  ``<output>/_temporary/`` and renamed over ``part-<shard id>.parquet``.
-* On object stores (``gs://``, ``s3://``, ...), which have no atomic rename
-  (and whose emulators may lack the copy/move API), the encoded file goes up
-  in one upload: an object becomes visible only when its upload completes.
+* on file systems with an atomic rename (local disks, ``memory://``), a rename;
+* on object stores (``gs://``, ``s3://``, ...), a server-side copy and a delete
+  of the attempt file: the final object appears all at once when the copy
+  completes, and the data never passes through the driver.
 
-Because the name depends only on the shard, a re-run of a shard replaces its
-file instead of adding rows: a shard's rows appear once however often it runs.
+A worker presumed dead that finishes late therefore writes only a file of its
+own under ``_attempts/``, which nobody promotes; ``griffin_batch.jobs.manifest``
+records each promotion and removes what is left of ``_attempts/``.
+
+``publish`` makes small files (commit records, the plan) visible all at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import secrets
 import uuid
 from collections.abc import Sequence
 
@@ -25,6 +34,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 TEMP_DIR = "_temporary"
+ATTEMPTS_DIR = "_attempts"
 
 BASE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("id", pa.string(), nullable=False),
@@ -57,6 +67,60 @@ def part_name(shard_id: str) -> str:
     return f"part-{shard_id}.parquet"
 
 
+def attempt_name(shard_id: str, attempt: int) -> str:
+    """A fresh, unique file name for one attempt at a shard (random on every call)."""
+    return f"part-{shard_id}.a{attempt}-{secrets.token_hex(4)}.parquet"
+
+
+def is_attempt_of(name: str, shard_id: str) -> bool:
+    """Whether file name ``name`` is one of ``attempt_name(shard_id, ...)``."""
+    return name.startswith(f"part-{shard_id}.a") and name.endswith(".parquet")
+
+
+def digest(data: bytes) -> str:
+    """Hex SHA-256 of ``data`` (the checksum commit records carry)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_digest(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Hex SHA-256 of a whole file, read in blocks (memory stays flat)."""
+    with fs.open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def num_rows(fs: fsspec.AbstractFileSystem, path: str) -> int:
+    """Rows of a Parquet file, from its footer alone."""
+    with fs.open(path, "rb") as f:
+        return pq.read_metadata(f).num_rows
+
+
+def write_attempt(fs: fsspec.AbstractFileSystem, directory: str, name: str, data: bytes) -> str:
+    """Writes one attempt's file as ``directory/_attempts/name``; returns its path.
+
+    No staging is needed: the name is unique to this attempt, and the driver
+    reads it only after the worker has reported the write complete.
+    """
+    attempts = f"{directory.rstrip('/')}/{ATTEMPTS_DIR}"
+    if has_atomic_rename(fs):
+        fs.makedirs(attempts, exist_ok=True)
+    path = f"{attempts}/{name}"
+    fs.pipe_file(path, data)
+    return path
+
+
+def promote(fs: fsspec.AbstractFileSystem, source: str, final: str) -> None:
+    """Moves attempt file ``source`` to its final name ``final`` (same file system).
+
+    A rename where the file system has one; on object stores a server-side
+    copy (the new object appears complete or not at all) then a delete.
+    """
+    if has_atomic_rename(fs) or is_process_local(fs):
+        fs.mv(source, final)
+    else:
+        fs.cp_file(source, final)
+        fs.rm_file(source)
+
+
 def encode(table: pa.Table) -> bytes:
     """The table as a Parquet file in memory."""
     buf = io.BytesIO()
@@ -87,7 +151,7 @@ def publish(
     *,
     temp_dir: str | None = None,
 ) -> str:
-    """Makes ``data`` visible as ``directory/name`` all at once.
+    """Makes ``data`` visible as ``directory/name`` all at once (small driver-written files).
 
     Args:
       fs: File system of ``directory``.

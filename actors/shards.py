@@ -46,6 +46,15 @@ class ShardSpec:
         return cls(**{**d, "row_groups": tuple(d["row_groups"])})
 
 
+PROGRESS_DIR = "_progress"
+"""Where running shards keep their progress checkpoints, under the output directory."""
+
+
+def progress_url(output_dir: str, shard_id: str) -> str:
+    """The directory of one shard's progress checkpoints."""
+    return f"{output_dir.rstrip('/')}/{PROGRESS_DIR}/{shard_id}"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ShardOptions:
     """How a worker turns input rows into output rows; the same for every shard of a job.
@@ -62,6 +71,8 @@ class ShardOptions:
       commit_on_driver: Return the encoded file instead of writing it (for
         process-local file systems such as ``memory://`` that a worker process
         cannot reach).
+      checkpoint_every_s: Interval between a running shard's progress
+        checkpoints (``actors.progress``); None: none (a retried shard starts over).
     """
 
     prompt_column: str = "prompt"
@@ -72,6 +83,7 @@ class ShardOptions:
     with_sample_index: bool = False
     output_dir: str = ""
     commit_on_driver: bool = False
+    checkpoint_every_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,7 +93,8 @@ class ShardResult:
     Attributes:
       shard_id: The shard.
       attempt: Driver's attempt number for this shard.
-      output_path: URL of the committed ``part-<shard_id>.parquet``.
+      output_path: URL of the shard's final ``part-<shard_id>.parquet`` (where the
+        driver puts the file when it commits the shard).
       rows: Input rows.
       samples: Output rows (rows x samples).
       error_rows: Output rows with finish_reason "error".
@@ -89,6 +102,13 @@ class ShardResult:
       completion_tokens: Generated tokens over all samples.
       seconds: Wall time on the worker, read to write.
       worker: Name of the worker that ran it.
+      restored_tokens: Generated tokens this attempt took from the shard's
+        progress checkpoints instead of computing them.
+      attempt_path: URL of the attempt's file under ``<output>/_attempts/``, which
+        the driver promotes to ``output_path`` (empty in version-1 commit records).
+      size: Bytes of that file (None in version-1 commit records).
+      sha256: Hex SHA-256 of that file's bytes, computed by the worker from what
+        it wrote (None in version-1 commit records).
       payload: The encoded Parquet file when ``commit_on_driver``, else None.
     """
 
@@ -102,6 +122,10 @@ class ShardResult:
     completion_tokens: int
     seconds: float
     worker: str
+    restored_tokens: int = 0
+    attempt_path: str = ""
+    size: int | None = None
+    sha256: str | None = None
     payload: bytes | None = None
 
     def record(self) -> dict[str, Any]:

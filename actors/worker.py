@@ -8,16 +8,19 @@ engine and refusing to answer unless every row came back exactly once;
 data (error rows); a dead engine is fatal (``WorkerLost``), and the driver
 replaces the worker.
 
-Who writes the output: the worker. It encodes the shard's file and publishes
-it atomically under a name fixed by the shard (see ``griffin_batch.actors.output``), then
-reports only statistics. The data never passes through the driver, so the
-driver's memory and network stay flat however large the job, and a repeated
-shard (retry, resume, or a worker presumed dead finishing late) replaces its
-file rather than adding rows: exactly once follows from one file per shard
-plus the driver's manifest, which counts a shard done only after its file is
-in place. The exception is a process-local file system (``memory://``),
-which a worker process cannot reach: then the encoded file is returned and
-the driver publishes it the same way.
+Who writes the output: the worker writes its attempt's file, the driver
+promotes it. The worker encodes the shard's file and writes it under a name
+unique to the attempt, ``<output>/_attempts/part-<shard>.a<attempt>-<random>.parquet``
+(see ``griffin_batch.actors.output``), then reports its URL, size and SHA-256
+with the statistics. The data never passes through the driver, so the
+driver's memory and network stay flat however large the job. Only the driver
+moves a file to the final ``part-<shard>.parquet``, once per shard, and
+records the commit (``griffin_batch.jobs.manifest``): a repeated shard (retry,
+resume) or a worker presumed dead that finishes late writes a file of its own
+that is never promoted, so it cannot add rows or change a committed part. The
+exception is a process-local file system (``memory://``), which a worker
+process cannot reach: then the encoded file is returned with the same
+name, size and checksum, and the driver writes it there before promoting it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from typing import Any
 
@@ -87,12 +92,52 @@ class GenerationWorker:
             log.exception("worker %s could not start", self.name)
             self._start_error = error
         self.load_seconds = time.perf_counter() - start
+        self._active = 0  # process_shard calls running
+        self._active_lock = threading.Lock()
+        self._draining = False
+        if self._start_error is None:
+            self._handle_sigterm()
+
+    def _handle_sigterm(self) -> None:
+        """Turns SIGTERM (a preemption notice, a pod deletion, a node drain) into a drain.
+
+        The first SIGTERM checkpoints every shard this worker holds (within
+        ``faults.DRAIN_GRACE_S``), fails their calls with ``WorkerLost`` (the
+        driver counts a preemption and runs them elsewhere, from those
+        checkpoints), then hands the signal to Ray's own handler, which exits.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("worker %s: not on the main thread, SIGTERM will not drain", self.name)
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum, frame):
+            if not self._draining:
+                self._draining = True
+                threading.Thread(target=self._drain_and_exit, name="drain", daemon=True).start()
+                return
+            signal.signal(signal.SIGTERM, previous)
+            if callable(previous):
+                previous(signum, frame)
+            raise SystemExit(1)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _drain_and_exit(self) -> None:
+        start = time.monotonic()
+        log.warning("worker %s: SIGTERM, writing checkpoints and stopping", self.name)
+        self._loop.drain("SIGTERM (preemption or shutdown)", faults.DRAIN_GRACE_S)
+        # Let the failed calls' replies leave before the process goes.
+        while self._active and time.monotonic() - start < faults.DRAIN_GRACE_S:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)  # the second one exits (see on_sigterm)
 
     def _load(self, spec: ModelSpec) -> None:
         from griffin_batch import (
             model,  # heavy (JAX): imported where the worker runs, not where it is scheduled
         )
-        from griffin_batch.model import engine
+        from griffin_batch.model import engine, snapshots
 
         checkpoint, tokenizer = spec.checkpoint, spec.tokenizer
         if checkpoint is None:
@@ -104,7 +149,11 @@ class GenerationWorker:
         )
         self.tokenizer = model.load_tokenizer(str(tokenizer))
         self.engine = engine.Engine(config, params, self.tokenizer, spec.engine)
-        self._loop = batching.EngineLoop(self.engine.generate)
+        self._loop = batching.EngineLoop(self.engine)
+        # What stored progress must match before this worker continues from it.
+        self._fingerprint = snapshots.model_fingerprint(
+            config, self.engine.dtype, self.tokenizer.model_proto)
+        self._template = snapshots.cache_template(config, self.engine.dtype)
 
     def ready(self) -> dict[str, Any]:
         """Where this worker runs and what it holds; returns once loading is done.
@@ -162,14 +211,39 @@ class GenerationWorker:
           WorkerLost: The engine has stopped.
           RowAccountingError: A row did not come back exactly once.
         """
+        return self._generate(table, spec, options, attempt)[0]
+
+    def _generate(self, table: pa.Table, spec: shards.ShardSpec, options: shards.ShardOptions,
+                  attempt: int) -> tuple[pa.Table, batching.Batch]:
         chat = self.tokenizer.chat_prompt if options.chat else None
         prepared = rows.prepare(table, spec, options, attempt, chat)
-        batch = self._loop.submit(prepared.requests)
+        batch = self._loop.submit(self._batch(prepared, spec, options))
         try:
             completions = batch.wait()
         finally:
             self._loop.release(batch)
-        return rows.assemble(prepared, [*prepared.rejected, *completions], table, options)
+        out = rows.assemble(prepared, [*prepared.rejected, *completions], table, options)
+        return out, batch
+
+    def _batch(self, prepared: rows.Prepared, spec: shards.ShardSpec,
+               options: shards.ShardOptions) -> batching.Batch:
+        """The shard's work: all of it, or what its newest progress checkpoint left to do."""
+        if not options.checkpoint_every_s or options.commit_on_driver:
+            return batching.Batch(prepared.requests)
+        from griffin_batch.actors import progress
+
+        store = progress.ProgressStore(shards.progress_url(options.output_dir, spec.shard_id),
+                                       self._fingerprint, self._template)
+        restored = store.load()
+        checkpointer = progress.ShardCheckpointer(
+            store, restored, stored_id=lambda rid: str(rows.row_of(rid)))
+        work = progress.resume_work(prepared.requests, restored, rows.row_of)
+        if work.restored_tokens:
+            log.info("shard %s: continuing from checkpoint %s (%d finished, %d decoding samples, "
+                     "%d tokens)", spec.shard_id, restored.chain[-1], len(work.finished),
+                     sum(not s.pending for s, _ in work.resumed), work.restored_tokens)
+        return batching.Batch(work.requests, work.resumed, work.finished, checkpointer,
+                              options.checkpoint_every_s, restored_tokens=work.restored_tokens)
 
     def process_shard(
         self,
@@ -190,23 +264,38 @@ class GenerationWorker:
         Returns:
           Statistics, plus the encoded file when ``options.commit_on_driver``.
         """
+        with self._active_lock:
+            self._active += 1
+        try:
+            return self._process_shard(spec, options, attempt, table)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    def _process_shard(self, spec, options, attempt, table) -> shards.ShardResult:
         if self._loop.fatal is not None:
             raise faults.WorkerLost(f"engine stopped: {self._loop.fatal!r}")
+        if self._draining:
+            raise faults.WorkerLost("worker is draining (SIGTERM)")
         start = time.perf_counter()
         if table is None:
             table = rows.read_rows(spec, options)
-        result = self(table, spec, options, attempt)
+        result, batch = self._generate(table, spec, options, attempt)
         data = output.encode(result)
-        name = output.part_name(spec.shard_id)
+        name = output.attempt_name(spec.shard_id, attempt)
         fs, directory = fsspec.core.url_to_fs(options.output_dir)
-        if options.commit_on_driver:
-            path, payload = f"{directory.rstrip('/')}/{name}", data
+        directory = directory.rstrip("/")
+        if options.commit_on_driver:  # the driver writes the attempt file
+            path, payload = f"{directory}/{output.ATTEMPTS_DIR}/{name}", data
         else:
-            path, payload = output.publish(fs, directory, name, data), None
+            path, payload = output.write_attempt(fs, directory, name, data), None
         return shards.ShardResult(
             shard_id=spec.shard_id,
             attempt=attempt,
-            output_path=output.url_of(fs, path),
+            output_path=output.url_of(fs, f"{directory}/{output.part_name(spec.shard_id)}"),
+            attempt_path=output.url_of(fs, path),
+            size=len(data),
+            sha256=output.digest(data),
             rows=table.num_rows,
             samples=result.num_rows,
             error_rows=_count(result, "finish_reason", "error"),
@@ -214,6 +303,7 @@ class GenerationWorker:
             completion_tokens=_sum(result, "num_completion_tokens"),
             seconds=time.perf_counter() - start,
             worker=self.name,
+            restored_tokens=batch.restored_tokens,
             payload=payload,
         )
 

@@ -159,6 +159,11 @@ class ResumeConfig:
     overwrite: bool = False
     """Delete what is there and start over."""
 
+    checkpoint_every_s: float = 60.0
+    """Seconds between a running shard's progress checkpoints (``actors.progress``):
+    finished rows, and each decoding sample's fixed-size state and output so far.
+    A retried or resumed shard continues from its newest one. 0 disables them."""
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class JobConfig:
@@ -190,6 +195,10 @@ class JobConfig:
             raise JobInputError(f"invalid sampling option: {e}") from None
         if self.resume.resume and self.resume.overwrite:
             raise JobInputError("--resume and --overwrite exclude each other")
+        if not self.resume.checkpoint_every_s >= 0:
+            raise JobInputError(
+                f"--checkpoint-every must be >= 0 seconds, got {self.resume.checkpoint_every_s}"
+            )
 
     def shards_in_flight(self) -> int:
         """Shards a worker holds at once (``--max-in-flight``, else enough to fill its slots).

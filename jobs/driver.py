@@ -12,6 +12,7 @@ node): it holds the manifest's only writer, and losing it costs a ``--resume``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,6 +23,8 @@ from griffin_batch.actors import shards, worker
 from griffin_batch.cluster import connect, faults, hardware, pool
 from griffin_batch.jobs import config as config_lib
 from griffin_batch.jobs import manifest, planner, progress, scheduler
+
+log = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
 
@@ -35,27 +38,39 @@ class JobResult:
       summary: Contents of ``summary.json``.
       succeeded: Every shard is committed.
       fatal: Why the job stopped early (a worker that cannot start, e.g. a
-        missing package or checkpoint on its host), or None.
+        missing package or checkpoint on its host; the cluster lost), or None.
+      cluster_lost: The job stopped because its Ray cluster stopped answering.
     """
 
     output: str
     summary: Mapping[str, Any]
     succeeded: bool
     fatal: str | None = None
+    cluster_lost: bool = False
 
 
-def run(config: config_lib.JobConfig, *, say: Say = print) -> JobResult:
+def run(
+    config: config_lib.JobConfig,
+    *,
+    say: Say = print,
+    on_cluster_lost: Callable[[JobResult], None] | None = None,
+) -> JobResult:
     """Runs a whole job.
 
     Args:
       config: The job.
       say: Where one-line status messages go.
+      on_cluster_lost: Called, on another thread, with the result when the cluster
+        is lost while this thread waits inside Ray for it (Ray ends such a process
+        with exit status 1 once its own GCS timeout passes); the summary is written
+        and the output's lease given back first. The command line exits there.
 
     Returns:
       The result; ``succeeded`` is False when some shard ran out of retries.
 
     Raises:
-      JobInputError: Bad input, found before any worker starts.
+      JobInputError: Bad input, found before any worker starts; or another driver
+        holds the output (``manifest.LeaseLost`` when it took it over mid-run).
       ConnectionError: No Ray cluster answers at ``config.cluster.address``.
     """
     start = time.monotonic()
@@ -70,20 +85,29 @@ def run(config: config_lib.JobConfig, *, say: Say = print) -> JobResult:
     committed = out.prepare(
         plan, config.fingerprint(), resume=config.resume.resume, overwrite=config.resume.overwrite
     )
-    todo = [s for s in plan.shards if s.shard_id not in committed]
-    if committed:
-        say(
-            f"resuming: {len(committed)} of {len(plan.shards)} shard(s) already committed, "
-            f"{len(todo)} to do"
-        )
-    run_state = _RunState(committed_before=dict(committed))
-    if todo:
-        _generate(config, model_spec, plan, out, todo, run_state, say)
-    summary = build_summary(config, plan, run_state, time.monotonic() - start)
-    succeeded = not run_state.report.failed
-    out.write_summary(summary, success=succeeded)
+    try:  # prepare took the output's lease: give it back however the run ends
+        todo = [s for s in plan.shards if s.shard_id not in committed]
+        if committed:
+            say(
+                f"resuming: {len(committed)} of {len(plan.shards)} shard(s) already committed, "
+                f"{len(todo)} to do"
+            )
+        run_state = _RunState(committed_before=dict(committed), started=start)
+        if todo:
+            _generate(config, model_spec, plan, out, todo, run_state, say, on_cluster_lost)
+        summary = build_summary(config, plan, run_state, time.monotonic() - start)
+        succeeded = not run_state.report.failed
+        out.write_summary(summary, success=succeeded)
+        if succeeded:
+            _remove_progress(out)  # also what late writers added after their shard committed
+    finally:
+        out.release()
     return JobResult(
-        output=out.url, summary=summary, succeeded=succeeded, fatal=run_state.report.fatal
+        output=out.url,
+        summary=summary,
+        succeeded=succeeded,
+        fatal=run_state.report.fatal,
+        cluster_lost=run_state.report.cluster_lost,
     )
 
 
@@ -98,6 +122,8 @@ class _RunState:
     generation_s: float = 0.0
     startup_s: float | None = None
     cluster: str = ""
+    started: float = 0.0
+    loop: scheduler.Scheduler | None = None
 
 
 def resolve_model(m: config_lib.ModelConfig, say: Say) -> worker.ModelSpec:
@@ -164,6 +190,7 @@ def shard_options(
         with_sample_index=plan.with_sample_index,
         output_dir=out.url,
         commit_on_driver=out.process_local,
+        checkpoint_every_s=config.resume.checkpoint_every_s or None,
     )
 
 
@@ -200,8 +227,12 @@ def _generate(
     todo: list[shards.ShardSpec],
     state: _RunState,
     say: Say,
+    on_cluster_lost: Callable[[JobResult], None] | None,
 ) -> None:
     connection = connect.connect(config.cluster.address)
+    cluster = connect.watch(  # Ray itself would end this process, saying nothing of the job
+        connection, lambda lost: _abandon(config, plan, out, state, lost, on_cluster_lost)
+    )
     state.cluster = connection.address
     say(connection.describe())
     say(f"worker logs (and Ray's own): {connect.log_dir()} on each node")
@@ -219,11 +250,14 @@ def _generate(
             )
 
         def on_commit(result: shards.ShardResult) -> None:
-            out.commit(result)
-            state.committed_now[result.shard_id] = dataclasses.replace(result, payload=None)
-            bar.advance(result.rows, result.completion_tokens)
+            record = out.commit(result)
+            if record is not None:  # None: the shard was already committed
+                state.committed_now[result.shard_id] = record
+                bar.advance(result.rows, result.completion_tokens)
+                _remove_progress(out, result.shard_id)
 
         def on_tick() -> None:
+            out.renew()  # raises LeaseLost when another driver took the output over
             if state.startup_s is None and any(w.ready for w in workers.workers):
                 state.startup_s = time.monotonic() - started
             bar.refresh()
@@ -237,8 +271,10 @@ def _generate(
             max_in_flight=config.shards_in_flight(),
             heartbeat=lambda w: w.handle.heartbeat.remote(),
             stall_timeout_s=config.cluster.stall_timeout_s,
+            cluster_lost=lambda: cluster.lost,
             on_tick=on_tick,
         )
+        state.loop = loop
         try:
             state.report = loop.run(todo)
         finally:
@@ -247,6 +283,56 @@ def _generate(
         state.generation_s = time.monotonic() - started
     finally:
         connect.disconnect(connection)
+        cluster.stop()  # from here on, this thread writes the summary
+
+
+def _abandon(
+    config: config_lib.JobConfig,
+    plan: planner.JobPlan,
+    out: manifest.OutputDir,
+    state: _RunState,
+    lost: str,
+    then: Callable[[JobResult], None] | None,
+) -> None:
+    """Ends a job whose cluster is lost while the driver's thread waits inside Ray for it.
+
+    Runs on the cluster watch's thread. Writes what ``run`` would have written: every
+    shard not committed is reported with ``lost``, unless the loop had already ended
+    (only Ray's shutdown was left). Gives the output's lease back so that
+    ``--resume`` can start at once, and hands the result to ``then``.
+    """
+    loop = state.loop
+    if loop is not None and loop.finished:
+        state.report = loop.report()
+    else:
+        records = {**state.committed_before, **state.committed_now}
+        state.report = dataclasses.replace(
+            loop.report() if loop is not None else state.report,
+            failed={s.shard_id: lost for s in plan.shards if s.shard_id not in records},
+            fatal=lost,
+            cluster_lost=True,
+        )
+    summary = build_summary(config, plan, state, time.monotonic() - state.started)
+    succeeded = not state.report.failed
+    try:
+        out.write_summary(summary, success=succeeded)
+        out.release()
+    except Exception as e:  # noqa: BLE001 - the job still says how it ended
+        log.warning("could not write the summary of %s: %s", out.url, e)
+    if then is not None:
+        report = state.report
+        then(JobResult(out.url, summary, succeeded, report.fatal, report.cluster_lost))
+
+
+def _remove_progress(out: manifest.OutputDir, shard_id: str | None = None) -> None:
+    """Deletes a committed shard's progress checkpoints (all shards' when ``shard_id`` is None)."""
+    path = f"{out.path}/{shards.PROGRESS_DIR}" + (f"/{shard_id}" if shard_id else "")
+    try:
+        out.fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # leftovers cost storage, not correctness
+        log.warning("could not remove progress checkpoints %s: %s", path, e)
 
 
 def build_summary(

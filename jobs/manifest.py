@@ -1,24 +1,67 @@
-"""The output directory's state: the plan, each committed shard, the summary, ``_SUCCESS``.
+"""The output directory's state: the lease, the plan, each committed shard, the summary.
 
 Layout::
 
-    <output>/part-<shard id>.parquet    one per committed shard
-    <output>/_manifest/plan.json        the plan and the options that decide outputs
+    <output>/part-<shard id>.parquet     one per committed shard, written by the driver only
+    <output>/_attempts/                  workers' attempt files, not yet promoted
+    <output>/_progress/                  row-level progress of shards still running
+    <output>/_manifest/plan.json         the plan and the options that decide outputs
     <output>/_manifest/commits/<id>.json one small record per committed shard
-    <output>/summary.json, _SUCCESS     written at the end
+    <output>/_manifest/lease.json        which driver holds the directory, and until when
+    <output>/summary.json, _SUCCESS      written at the end
 
-A commit record is written only after its shard's file is in place, each as
-one object (object stores cannot append), so a crash at any point leaves a
-directory that ``--resume`` can read: shards with a record are done, every
-other shard is redone and its stray files removed.
+Exactly once, verified:
+
+* **One commit per shard, by the driver.** Workers write attempt files only
+  (``griffin_batch.actors.output``). ``commit`` promotes the reported attempt
+  file to ``part-<id>.parquet`` (a rename, or a server-side copy and a delete),
+  reads the final file's size and footer row count, and writes the commit
+  record: size, SHA-256 (the worker's, over the bytes it wrote; a rename or a
+  copy keeps them), row count, and the attempt file it came from. A result for
+  a shard already committed (a late writer, a repeated result) is ignored with
+  a warning and its attempt file deleted: nothing replaces a committed part.
+  When a retried shard commits, files its earlier attempts left are deleted;
+  ``write_summary`` removes whatever is left of ``_attempts/``.
+* **Crash-safe order.** A record is written only after its file is in place,
+  each as one object (object stores cannot append), so a crash at any point
+  leaves a directory that ``--resume`` can read.
+* **Resume re-verifies.** Every committed part is checked against its record
+  (size, footer rows, SHA-256 of the whole file); one that is missing or
+  differs loses its file and record, with a warning naming what differed, and
+  is redone like every shard without a record. ``part-`` files without a
+  record, ``_attempts/``, ``_temporary/``, ``summary.json`` and ``_SUCCESS``
+  are removed; ``_manifest/`` and ``_progress/`` are kept. Version-1 records
+  (written before attempt files: no size, no checksum) are verified by what
+  they hold, that the file exists and its footer has the recorded row count,
+  so a job started by the older code resumes without redoing its work.
+* **One driver at a time.** ``prepare`` takes the lease before it deletes or
+  writes anything and refuses while another driver's lease has not expired.
+  The running driver renews it (``renew``, at most every ``LEASE_RENEW_S``,
+  and before every commit once that long has passed); a driver that finds the
+  lease taken by another stops (``LeaseLost``) instead of writing beside it.
+  A driver that dies stops renewing: its lease expires ``LEASE_TTL_S`` later,
+  or at once for a driver on the same host whose process is gone (host and pid,
+  as git's ``gc.pid``; machines or containers that share a hostname but not a
+  process table would confuse it), so a crashed job resumes without waiting.
+  fsspec offers no compare-and-swap on object stores: reading the lease back
+  after writing it narrows, but cannot close, the window in which two drivers
+  starting in the same instant both take it. Expiry times are wall-clock
+  seconds, compared across hosts.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import dataclasses
 import datetime
 import json
 import logging
+import os
 import posixpath
+import socket
+import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,9 +76,33 @@ log = logging.getLogger(__name__)
 MANIFEST_DIR = "_manifest"
 PLAN_FILE = f"{MANIFEST_DIR}/plan.json"
 COMMITS_DIR = f"{MANIFEST_DIR}/commits"
+LEASE_FILE = f"{MANIFEST_DIR}/lease.json"
 SUMMARY_FILE = "summary.json"
 SUCCESS_FILE = "_SUCCESS"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""2: commit records carry the final file's size and SHA-256 and its attempt file."""
+
+LEASE_TTL_S = 60.0
+"""A driver's lease on its output lasts this long after its last renewal; then
+another driver may take the directory over."""
+
+LEASE_RENEW_S = 15.0
+"""The driver renews its lease at most this often: well inside the TTL, so a slow
+store or a few failed renewals do not lose it."""
+
+VERIFY_THREADS = 8
+"""Committed parts re-verified at once on ``--resume`` (object-store reads are latency-bound)."""
+
+# Left by an interrupted run, removed on resume (with ``part-`` files without a record).
+_STRAYS = (output.TEMP_DIR, output.ATTEMPTS_DIR, SUCCESS_FILE, SUMMARY_FILE)
+
+
+class LeaseLost(config_lib.JobInputError):
+    """Another driver holds this driver's output directory now; this one must stop writing."""
+
+
+class CommitError(RuntimeError):
+    """A promoted part does not match what its worker reported (a storage fault)."""
 
 
 class OutputDir:
@@ -43,12 +110,23 @@ class OutputDir:
 
     Args:
       url: Directory URL.
+      lease_ttl_s: How long this driver's lease lasts after each renewal.
+      lease_renew_s: Least time between two renewals.
+
+    Attributes:
+      fs: The file system.
+      path: The directory's path on ``fs`` (no protocol).
+      url: A URL of the directory any process can open.
+      process_local: Only this process can see the directory (``memory://``).
+      holder: This driver's lease holder id.
 
     Raises:
       JobInputError: The URL names no usable file system.
     """
 
-    def __init__(self, url: str):
+    def __init__(
+        self, url: str, *, lease_ttl_s: float = LEASE_TTL_S, lease_renew_s: float = LEASE_RENEW_S
+    ):
         try:
             self.fs, path = fsspec.core.url_to_fs(url)
         except (ValueError, ImportError) as e:
@@ -56,19 +134,28 @@ class OutputDir:
         self.path = path.rstrip("/") or path
         self.url = output.url_of(self.fs, self.path)
         self.process_local = output.is_process_local(self.fs)
+        self.holder = uuid.uuid4().hex
+        self._lease_ttl_s = lease_ttl_s
+        self._lease_renew_s = lease_renew_s
+        self._lease_expires: float | None = None  # wall clock; None while not held
+        self._lease_renewed = 0.0  # monotonic
+        self._committed: set[str] = set()
 
     def _join(self, name: str) -> str:
         return f"{self.path}/{name}"
 
     def entries(self) -> list[str]:
         """Names directly inside the directory (empty when it does not exist)."""
+        return sorted(self._listing())
+
+    def _listing(self) -> dict[str, Mapping[str, Any]]:
+        """Entries directly inside the directory by name, with fsspec's details (size, type)."""
         self.fs.invalidate_cache()
         try:
-            return sorted(
-                posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False)
-            )
+            found = self.fs.ls(self.path, detail=True)
         except FileNotFoundError:
-            return []
+            return {}
+        return {posixpath.basename(d["name"].rstrip("/")): d for d in found}
 
     def prepare(
         self,
@@ -78,30 +165,42 @@ class OutputDir:
         resume: bool,
         overwrite: bool,
     ) -> dict[str, shards.ShardResult]:
-        """Readies the directory for a run; returns the shards already committed.
+        """Takes the lease and readies the directory for a run; returns the shards already committed.
 
         A fresh job needs an empty or missing directory (or ``overwrite``); a
-        resumed one needs the same plan and output-deciding options.
+        resumed one needs the same plan and output-deciding options. The lease
+        is held from here until ``release``.
 
         Raises:
-          JobInputError: The directory is not empty, belongs to a different job,
-            or cannot be written (the message says which and what to pass).
+          JobInputError: Another driver holds the directory; or it is not
+            empty, belongs to a different job, or cannot be written (the
+            message says which and what to pass).
         """
         try:
             existing = self.entries()
-            if existing and overwrite:
-                self.fs.rm(self.path, recursive=True)
-                existing = []
-            if existing and not resume:
+            if existing:
+                self._refuse_if_leased()
+            if existing and not resume and not overwrite:
                 raise config_lib.JobInputError(
                     f"output {self.url} is not empty (it holds {', '.join(existing[:3])}"
                     f"{', ...' if len(existing) > 3 else ''}); pass --resume to continue the job "
                     "recorded there or --overwrite to replace it"
                 )
-            if existing:
-                return self._resume(plan, fingerprint, existing)
-            self._write_plan(plan, fingerprint)
-            return {}
+            resuming = bool(existing) and not overwrite
+            if resuming:  # read-only checks first: a refusal leaves no trace
+                _check_same_job(self.url, self._saved_plan(existing), plan, fingerprint)
+            self._take_lease()
+            try:
+                if existing and overwrite:
+                    self._clear()
+                committed = self._resume() if resuming else {}
+                if not resuming:
+                    self._write_plan(plan, fingerprint)
+            except BaseException:
+                self.release()
+                raise
+            self._committed = set(committed)
+            return committed
         except OSError as e:
             raise config_lib.JobInputError(f"output {self.url} is not writable: {e}") from None
 
@@ -116,32 +215,79 @@ class OutputDir:
         }
         self._put(PLAN_FILE, record)
 
-    def _resume(
-        self, plan: planner.JobPlan, fingerprint: Mapping[str, Any], existing: list[str]
-    ) -> dict[str, shards.ShardResult]:
+    def _clear(self) -> None:
+        """Removes everything but the lease (``--overwrite``)."""
+        for name in self.entries():
+            if name != MANIFEST_DIR:
+                self.fs.rm(self._join(name), recursive=True)
+        lease = posixpath.basename(LEASE_FILE)
+        for path in self.fs.ls(self._join(MANIFEST_DIR), detail=False):
+            if posixpath.basename(path.rstrip("/")) != lease:
+                self.fs.rm(path, recursive=True)
+
+    def _saved_plan(self, existing: list[str]) -> dict[str, Any]:
         try:
-            saved = json.loads(self.fs.cat_file(self._join(PLAN_FILE)))
+            return json.loads(self.fs.cat_file(self._join(PLAN_FILE)))
         except FileNotFoundError:
             raise config_lib.JobInputError(
                 f"output {self.url} holds {', '.join(existing[:3])} but no job manifest "
                 f"({PLAN_FILE}); it was not written by this job, pass --overwrite to replace it"
             ) from None
-        _check_same_job(self.url, saved, plan, fingerprint)
+
+    def _resume(self) -> dict[str, shards.ShardResult]:
+        """Keeps the committed parts that match their records, removes the rest of the old run's work."""
         committed = self.committed()
-        present = set(self.entries())
-        for shard_id in [s for s in committed if output.part_name(s) not in present]:
-            log.warning("shard %s has a commit record but no file; redoing it", shard_id)
+        listing = self._listing()
+        for shard_id, problem in self._verify(committed, listing).items():
+            name = output.part_name(shard_id)
+            log.warning(
+                "shard %s: committed part %s %s; removing it and its record, redoing the shard",
+                shard_id,
+                name,
+                problem,
+            )
+            self.fs.rm_file(self._join(f"{COMMITS_DIR}/{shard_id}.json"))
+            if name in listing:
+                self.fs.rm(self._join(name), recursive=True)
+                del listing[name]
             del committed[shard_id]
         keep = {output.part_name(s) for s in committed}
-        for name in present:
-            stray = (name.startswith("part-") and name not in keep) or name in (
-                output.TEMP_DIR,
-                SUCCESS_FILE,
-                SUMMARY_FILE,
-            )
-            if stray:  # partial work of the interrupted run
+        for name in listing:  # partial work of the interrupted run; _manifest, _progress stay
+            if (name.startswith("part-") and name not in keep) or name in _STRAYS:
                 self.fs.rm(self._join(name), recursive=True)
         return committed
+
+    def _verify(
+        self, committed: Mapping[str, shards.ShardResult], listing: Mapping[str, Mapping[str, Any]]
+    ) -> dict[str, str]:
+        """What differs between each committed part and its record, by shard id (matches left out)."""
+
+        def check(record: shards.ShardResult) -> str | None:
+            return self._part_problem(record, listing.get(output.part_name(record.shard_id)))
+
+        with concurrent.futures.ThreadPoolExecutor(VERIFY_THREADS) as pool:
+            problems = dict(zip(committed, pool.map(check, committed.values()), strict=True))
+        return {k: v for k, v in sorted(problems.items()) if v is not None}
+
+    def _part_problem(
+        self, record: shards.ShardResult, listed: Mapping[str, Any] | None
+    ) -> str | None:
+        if listed is None or listed.get("type") == "directory":
+            return "is missing"
+        if record.size is not None and listed["size"] != record.size:
+            return f"has {listed['size']} bytes, its record {record.size}"
+        path = self._join(output.part_name(record.shard_id))
+        try:
+            rows = output.num_rows(self.fs, path)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            return f"has no readable Parquet footer ({e})"
+        if rows != record.samples:
+            return f"has {rows} rows, its record {record.samples}"
+        if record.sha256 is not None:  # None: a version-1 record
+            found = output.file_digest(self.fs, path)
+            if found != record.sha256:
+                return f"has SHA-256 {found[:16]}..., its record {record.sha256[:16]}..."
+        return None
 
     def committed(self) -> dict[str, shards.ShardResult]:
         """Commit records by shard id."""
@@ -155,25 +301,210 @@ class OutputDir:
         records = [shards.ShardResult.from_record(json.loads(b)) for b in blobs.values()]
         return {r.shard_id: r for r in records}
 
-    def commit(self, result: shards.ShardResult) -> None:
-        """Records a finished shard, first publishing its file when the worker returned it."""
-        if result.payload is not None:
-            output.publish(
-                self.fs,
-                self.path,
-                output.part_name(result.shard_id),
-                result.payload,
-                temp_dir=self._join(output.TEMP_DIR),
+    def commit(self, result: shards.ShardResult) -> shards.ShardResult | None:
+        """Promotes a finished shard's attempt file to its final name and records the commit.
+
+        Args:
+          result: A worker's report; its ``attempt_path`` names a file in this
+            directory's ``_attempts/`` (or ``payload`` holds the file's bytes).
+
+        Returns:
+          The commit record; None when the shard was already committed (the
+          result is ignored with a warning and its attempt file removed).
+
+        Raises:
+          LeaseLost: Another driver holds the directory now.
+          CommitError: The promoted file's size or rows differ from the report.
+        """
+        self.renew()
+        attempt = self._attempt_file(result)
+        if result.shard_id in self._committed:
+            log.warning(
+                "shard %s is already committed; ignoring attempt %d from %s (%s)",
+                result.shard_id,
+                result.attempt,
+                result.worker,
+                posixpath.basename(attempt),
             )
-        self._put(f"{COMMITS_DIR}/{result.shard_id}.json", result.record())
+            self._remove(attempt)
+            return None
+        if result.payload is not None:  # the worker could not reach this file system
+            output.write_attempt(self.fs, self.path, posixpath.basename(attempt), result.payload)
+        final = self._join(output.part_name(result.shard_id))
+        output.promote(self.fs, attempt, final)
+        self.fs.invalidate_cache(final)
+        size, rows = self.fs.info(final)["size"], output.num_rows(self.fs, final)
+        if (size, rows) != (result.size, result.samples):
+            raise CommitError(
+                f"shard {result.shard_id}: {final} has {size} bytes and {rows} rows after its "
+                f"promotion, the worker wrote {result.size} bytes and {result.samples} rows; "
+                "rerun with --resume to redo it"
+            )
+        record = dataclasses.replace(
+            result,
+            output_path=output.url_of(self.fs, final),
+            attempt_path=output.url_of(self.fs, attempt),
+            size=size,
+            samples=rows,
+            payload=None,
+        )
+        self._put(
+            f"{COMMITS_DIR}/{result.shard_id}.json",
+            {**record.record(), "version": MANIFEST_VERSION},
+        )
+        self._committed.add(result.shard_id)
+        if result.attempt > 0:  # earlier attempts may have left files
+            self._remove_attempts_of(result.shard_id)
+        return record
+
+    def _attempt_file(self, result: shards.ShardResult) -> str:
+        """The result's attempt file; only its name is taken, the directory is always ours."""
+        name = posixpath.basename(result.attempt_path)
+        if not output.is_attempt_of(name, result.shard_id):
+            raise CommitError(
+                f"shard {result.shard_id}: {result.attempt_path!r} is no attempt file"
+            )
+        return self._join(f"{output.ATTEMPTS_DIR}/{name}")
+
+    def _remove_attempts_of(self, shard_id: str) -> None:
+        attempts = self._join(output.ATTEMPTS_DIR)
+        self.fs.invalidate_cache(attempts)
+        try:
+            paths = self.fs.ls(attempts, detail=False)
+        except FileNotFoundError:
+            return
+        for path in paths:
+            if output.is_attempt_of(posixpath.basename(path), shard_id):
+                self._remove(path)
+
+    def _remove(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(path, recursive=True)
 
     def write_summary(self, summary: Mapping[str, Any], *, success: bool) -> None:
-        """Writes ``summary.json`` and, when every shard is committed, ``_SUCCESS``."""
+        """Writes ``summary.json`` and, when every shard is committed, ``_SUCCESS``.
+
+        Also removes ``_attempts/`` (what late or failed attempts left) and ``_temporary/``.
+        """
+        self.renew()
         self._put(SUMMARY_FILE, summary)
         if success:
             self.fs.pipe_file(self._join(SUCCESS_FILE), b"")
-        if output.has_atomic_rename(self.fs) and self.fs.exists(self._join(output.TEMP_DIR)):
-            self.fs.rm(self._join(output.TEMP_DIR), recursive=True)
+        for name in (output.ATTEMPTS_DIR, output.TEMP_DIR):
+            self._remove(self._join(name))
+
+    # The lease. ------------------------------------------------------------
+
+    def _read_lease(self) -> dict[str, Any] | None:
+        try:
+            data = self.fs.cat_file(self._join(LEASE_FILE))
+        except FileNotFoundError:
+            return None
+        try:
+            lease = json.loads(data)
+            lease["expires"] = float(lease["expires"])
+            str(lease["holder"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring the unreadable lease %s", self._join(LEASE_FILE))
+            return None
+        return lease
+
+    def _in_use(self, lease: Mapping[str, Any]) -> str:
+        left = lease["expires"] - time.time()
+        return (
+            f"output {self.url} is in use by another driver (host {lease.get('host')}, "
+            f"pid {lease.get('pid')}, lease {str(lease['holder'])[:8]}), whose lease expires "
+            f"in {max(left, 0):.0f} s ({_iso(lease['expires'])}) unless it renews it; wait for "
+            f"that job to finish, or, if it has stopped, rerun once its lease has expired "
+            f"(a driver's lease expires {LEASE_TTL_S:.0f} s after it stops)"
+        )
+
+    def _refuse_if_leased(self) -> None:
+        lease = self._read_lease()
+        if lease and lease["holder"] != self.holder and lease["expires"] > time.time():
+            if not _stopped_here(lease):
+                raise config_lib.JobInputError(self._in_use(lease))
+            log.warning(
+                "output %s: taking over the lease of driver pid %s on this host, which has stopped",
+                self.url,
+                lease.get("pid"),
+            )
+
+    def _take_lease(self) -> None:
+        self._write_lease(acquired=time.time())
+        back = self._read_lease()  # two drivers that wrote at once: the last write wins
+        if back is None or back["holder"] != self.holder:
+            self._lease_expires = None
+            if back is None:
+                raise config_lib.JobInputError(f"output {self.url}: the lease vanished as taken")
+            raise config_lib.JobInputError(self._in_use(back))
+
+    def _write_lease(self, acquired: float) -> None:
+        now = time.time()
+        record = {
+            "holder": self.holder,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "acquired": round(acquired, 3),
+            "expires": round(now + self._lease_ttl_s, 3),
+        }
+        self._put(LEASE_FILE, record)
+        self._lease_expires = record["expires"]
+        self._lease_renewed = time.monotonic()
+
+    def renew(self) -> None:
+        """Extends this driver's lease when ``lease_renew_s`` has passed since the last time.
+
+        Cheap to call often (the driver calls it on every scheduler tick).
+        A renewal that fails on a storage error is retried on the next call
+        while the lease is still valid.
+
+        Raises:
+          LeaseLost: Another driver holds the lease now, its file is gone, or
+            it expired before a renewal succeeded. This driver must stop.
+        """
+        if self._lease_expires is None:
+            return
+        if time.monotonic() - self._lease_renewed < self._lease_renew_s:
+            return
+        try:
+            lease = self._read_lease()
+            if lease is not None and lease["holder"] == self.holder:
+                self._write_lease(acquired=float(lease.get("acquired", time.time())))
+                return
+        except OSError as e:
+            if time.time() < self._lease_expires:
+                log.warning("could not renew the lease on %s (%s); retrying", self.url, e)
+                return
+            self._lease_expires = None
+            raise LeaseLost(
+                f"output {self.url}: this driver's lease expired before it could renew it ({e}); "
+                "stopping so as not to write beside another driver; committed shards are kept, "
+                "rerun with --resume"
+            ) from None
+        self._lease_expires = None
+        who = (
+            "its lease file is gone"
+            if lease is None
+            else f"the driver on host {lease.get('host')}, pid {lease.get('pid')}, holds it now"
+        )
+        raise LeaseLost(
+            f"output {self.url}: this driver lost its lease ({who}); stopping so as not to "
+            "write beside another driver; committed shards are kept (rerun with --resume "
+            "once the other driver is done)"
+        )
+
+    def release(self) -> None:
+        """Gives the lease up (at the end of a run, failed or not); never raises."""
+        if self._lease_expires is None:
+            return
+        self._lease_expires = None
+        try:
+            lease = self._read_lease()
+            if lease is not None and lease["holder"] == self.holder:
+                self.fs.rm_file(self._join(LEASE_FILE))
+        except OSError as e:
+            log.warning("could not release the lease on %s (it expires by itself): %s", self.url, e)
 
     def _put(self, name: str, record: Mapping[str, Any]) -> None:
         data = json.dumps(record, indent=1, sort_keys=True).encode()
@@ -204,5 +535,26 @@ def _check_same_job(
         )
 
 
+def _stopped_here(lease: Mapping[str, Any]) -> bool:
+    """Whether the lease's holder ran on this host and its process is gone (as git's gc.pid).
+
+    Lets ``--resume`` follow a crashed driver at once on the same machine;
+    elsewhere, or while that process id lives, the lease runs out its time.
+    """
+    if lease.get("host") != socket.gethostname() or not isinstance(lease.get("pid"), int):
+        return False
+    try:
+        os.kill(lease["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, another user's
+        return False
+    return False
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _iso(unix_s: float) -> str:
+    return datetime.datetime.fromtimestamp(unix_s, datetime.UTC).isoformat(timespec="seconds")

@@ -22,7 +22,6 @@ powers of two, and decode compiles once per attention-ring bucket.
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
 import functools
 import heapq
@@ -47,6 +46,7 @@ from griffin_batch.model.sampling import RowParams, sample_tokens
 from griffin_batch.model.textstream import TextStream
 
 _MIN_CHUNK = 16  # smallest prefill chunk bucket
+_MIN_GROUP = 2  # smallest prefill group (see _PrefillGroup)
 
 
 @dataclasses.dataclass
@@ -69,7 +69,11 @@ class Chunk:
 
 @dataclasses.dataclass
 class SlotSnapshot:
-    """Everything needed to continue one sample elsewhere; small and picklable.
+    """Everything needed to continue one sample elsewhere: arrays and plain values.
+
+    No tokenizer travels with it (``text_state`` is data), so it stays the size
+    of one slot's model state however long the output; ``model.snapshots``
+    turns it into arrays and JSON for storage.
 
     Attributes:
       request: the request being served.
@@ -80,7 +84,8 @@ class SlotSnapshot:
       cache: the slot's model state as numpy arrays (a pytree of one row);
         None when the sample no longer decodes (it finished, or was rejected)
         but ``undelivered`` still holds its last chunks.
-      text: the text stream (decoder tail and held-back text); None with cache.
+      text_state: ``TextStream.state()`` of the sample (decoder tail, text
+        held back for stop strings); None with cache.
       undelivered: chunks already computed (the state above includes them) but
         not yet handed out when the snapshot was taken; resuming yields them first.
       pending: the sample had not started decoding (still prefilling, or
@@ -93,7 +98,7 @@ class SlotSnapshot:
     generated: int
     last_token: int
     cache: object | None
-    text: TextStream | None
+    text_state: dict | None
     undelivered: list[Chunk] = dataclasses.field(default_factory=list)
     pending: bool = False
 
@@ -262,18 +267,17 @@ class Engine:
         Requests are pulled lazily from the iterable as slots free up, so it may
         be an unbounded generator, and one fed while the engine runs: a feed
         that yields ``NOTHING_YET`` keeps the stream open (the engine decodes
-        what it holds and asks again) until it ends. Invalid requests yield a
-        single error chunk per sample; the rest go on.
+        what it holds and asks again) until it ends. The feed may also yield
+        ``SlotSnapshot``s, which continue where they were taken, ahead of new
+        requests. Invalid requests yield a single error chunk per sample; the
+        rest go on.
         """
         ec = self.engine_config
         self._pending = pending = _Pending(requests, longest_first=ec.longest_first,
                                            lookahead=ec.lookahead or 4 * ec.num_slots)
-        restored = collections.deque()
         for snap in resume:
-            if snap.pending:  # had not started decoding: prefill it again
-                pending.add(snap.request, snap.sample_index)
-            else:
-                restored.append(snap)
+            pending.add_snapshot(snap)
+        restored = pending.restored
         self._group = None
         while True:
             while restored and (restored[0].cache is None or self._free_slots()):
@@ -321,27 +325,37 @@ class Engine:
             key = id(s) if s is not None else id(chunk)
             undelivered.setdefault(key, (request, s, []))[2].append(chunk)
         out = []
-        for slot, s in enumerate(self._slots):
-            if not isinstance(s, _Sample):
-                continue
-            row = jax.tree.map(lambda x, i=slot: np.asarray(x[i : i + 1]), self.cache)
+        decoding = [slot for slot, s in enumerate(self._slots) if isinstance(s, _Sample)]
+        # One transfer of the whole slot array, then host-side copies per row.
+        host = jax.device_get(self.cache) if decoding else None
+        for slot in decoding:
+            s = self._slots[slot]
+            row = jax.tree.map(lambda x, i=slot: np.array(x[i : i + 1]), host)
             out.append(SlotSnapshot(
                 request=s.request, sample_index=s.sample_index, prompt_len=len(s.prompt),
                 generated=s.generated, last_token=s.last_token, cache=row,
-                text=copy.deepcopy(s.text), undelivered=undelivered.pop(id(s), (None, s, []))[2]))
+                text_state=s.text.state(),
+                undelivered=undelivered.pop(id(s), (None, s, []))[2]))
+        out.extend(self._pending.restored)  # restored, still waiting for a slot
         not_started = [(r.sample.request, r.sample.sample_index, len(r.sample.prompt))
                        for r in self._slots if isinstance(r, _Reserved)]
         not_started += [(request, index, 0) for request, index in self._pending.items()]
         out.extend(SlotSnapshot(request=request, sample_index=index, prompt_len=prompt_len,
-                                generated=0, last_token=0, cache=None, text=None, pending=True)
+                                generated=0, last_token=0, cache=None, text_state=None,
+                                pending=True)
                    for request, index, prompt_len in not_started)
         for request, s, chunks in undelivered.values():  # finished or rejected samples
             out.append(SlotSnapshot(
                 request=request, sample_index=chunks[0].sample_index,
                 prompt_len=chunks[0].num_prompt_tokens, generated=s.generated if s else 0,
-                last_token=s.last_token if s else 0, cache=None, text=None,
+                last_token=s.last_token if s else 0, cache=None, text_state=None,
                 undelivered=chunks))
         return out
+
+    @property
+    def between_rounds(self) -> bool:
+        """Every computed chunk has been handed out (a snapshot then has no ``undelivered``)."""
+        return not self._outbox
 
     def compile_counts(self) -> dict[str, int]:
         """How many programs each compiled function holds (bounded by design)."""
@@ -404,7 +418,7 @@ class Engine:
 
     def _finish_group(self, group: _PrefillGroup) -> None:
         # Samples of one request share a prefilled row: copy it into each slot.
-        width = _pow2_at_least(len(group.samples))
+        width = _pow2_at_least(len(group.samples), _MIN_GROUP)
         rows = _row_params(group.samples + [None] * (width - len(group.samples)))
         row_of = np.zeros(width, np.int32)
         row_of[: len(group.row_of)] = group.row_of
@@ -486,10 +500,14 @@ class Engine:
         if snap.cache is None:  # nothing left to compute, only chunks to hand out
             self._outbox.extend((snap.request, None, c) for c in snap.undelivered)
             return
-        slot = self._free_slots()[0]
         s = self._validate(snap.request, snap.sample_index)
+        if len(s.prompt) != snap.prompt_len:
+            raise ValueError(f"snapshot of {snap.request.request_id!r} was taken with another "
+                             f"tokenizer: its prompt has {snap.prompt_len} tokens here "
+                             f"{len(s.prompt)}")
         s.generated, s.last_token = snap.generated, snap.last_token
-        s.text = copy.deepcopy(snap.text)
+        s.text.load_state(snap.text_state)
+        slot = self._free_slots()[0]
         row = jax.device_put(snap.cache, self._replicated)
         self.cache = self._on_slots(_insert(self.cache, row, np.zeros(1, np.int32),
                                             jnp.asarray([slot], jnp.int32)))
@@ -519,7 +537,10 @@ class _PrefillGroup:
         self.prompts = [None] * len(row_by_request)
         for s, row in zip(samples, self.row_of, strict=True):
             self.prompts[row] = s.prompt
-        self.size = _pow2_at_least(len(self.prompts))
+        # At least two rows: XLA:CPU compiles a one-row batch differently (other
+        # fusions, other bf16 rounding), and a prompt must prefill to the same
+        # state whatever its group, or a retried shard would not reproduce it.
+        self.size = _pow2_at_least(len(self.prompts), _MIN_GROUP)
         self.lengths = np.zeros(self.size, np.int64)
         self.lengths[: len(self.prompts)] = [len(p) for p in self.prompts]
         self.offset = 0
@@ -564,6 +585,8 @@ class _Pending:
         self._longest_first = longest_first
         self._arrived = 0
         self._exhausted = False
+        # Snapshots of samples that were decoding, waiting for a free slot.
+        self.restored: collections.deque[SlotSnapshot] = collections.deque()
 
     def _key(self, request: Request) -> float:
         if not self._longest_first:
@@ -586,6 +609,9 @@ class _Pending:
                 return
             if request is NOTHING_YET:  # more may come: ask again next admission
                 return
+            if isinstance(request, SlotSnapshot):
+                self.add_snapshot(request)
+                continue
             n = getattr(request.params, "n", 1)
             for i in range(max(n, 1) if isinstance(n, int) else 1):
                 self.add(request, i)
@@ -594,6 +620,13 @@ class _Pending:
         """Queues one sample (a restored one) alongside those pulled from the iterable."""
         heapq.heappush(self._heap, (self._key(request), self._arrived, (request, sample_index)))
         self._arrived += 1
+
+    def add_snapshot(self, snap: SlotSnapshot) -> None:
+        """Takes back a snapshot: one that had not started decoding is prefilled again."""
+        if snap.pending:
+            self.add(snap.request, snap.sample_index)
+        else:
+            self.restored.append(snap)
 
     def items(self) -> list[tuple[Request, int]]:
         """Queued (request, sample_index) items, in the order they would be admitted."""

@@ -8,7 +8,7 @@ are held back in case they begin a stop string that the next token completes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 @dataclasses.dataclass
@@ -40,6 +40,28 @@ class TextStream:
             return ""
         self.held += self.decoder.flush()
         return self._release(final=True)
+
+    def state(self) -> dict:
+        """Everything that changes as tokens arrive, as JSON-able data.
+
+        With the stop strings (part of the request) and a fresh decoder of the
+        same tokenizer, ``load_state`` rebuilds the stream exactly; the
+        tokenizer itself is never part of it.
+        """
+        return {"decoder": self.decoder.state(), "held": self.held, "stopped": self.stopped}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """Restores ``state()`` output into this stream (a fresh one).
+
+        Raises:
+          ValueError: ``state`` does not have the shape ``state()`` gives.
+        """
+        held, stopped, decoder = state.get("held"), state.get("stopped"), state.get("decoder")
+        if not isinstance(held, str) or not isinstance(stopped, bool) or not isinstance(
+                decoder, Mapping):
+            raise ValueError(f"not a text stream state: {state!r}")
+        self.decoder.load_state(decoder)
+        self.held, self.stopped = held, stopped
 
     def _release(self, *, final: bool) -> str:
         if self.stop:

@@ -8,7 +8,7 @@ whose concatenation equals ``decode`` of the whole stream.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import fsspec
 import sentencepiece as spm
@@ -159,6 +159,23 @@ class StreamDecoder:
         # True while a leading "▁" would still be dropped (nothing visible decoded yet).
         self._at_start = self._probe_at_start != self._probe_after_text
         self._pending: list[int] = []
+
+    def state(self) -> dict:
+        """The decoder's variable state as JSON-able data (no tokenizer in it)."""
+        return {"pending": list(self._pending), "at_start": self._at_start}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """Restores ``state()`` output, checking it first.
+
+        Raises:
+          ValueError: ``state`` is not what ``state()`` returns for this tokenizer.
+        """
+        pending, at_start = state.get("pending"), state.get("at_start")
+        vocab = self._tok.vocab_size
+        if (not isinstance(pending, list) or len(pending) > 3 or not isinstance(at_start, bool)
+                or any(type(t) is not int or not 0 <= t < vocab for t in pending)):
+            raise ValueError(f"not a stream decoder state: {state!r}")
+        self._pending, self._at_start = list(pending), at_start
 
     @property
     def num_held(self) -> int:

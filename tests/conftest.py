@@ -1,7 +1,7 @@
-"""Shared fixtures: a local Ray cluster, a real GCS protocol server, the demo model, Parquet inputs.
+"""Shared fixtures: a local Ray cluster, GCS and S3 protocol servers, the demo model, Parquet inputs.
 
-Ray and the storage emulator start once per session (each costs seconds); the
-emulator listens on a free loopback port only. Worker processes share a JAX
+Ray and the storage servers start once per session (each costs seconds); the
+servers listen on a free loopback port only. Worker processes share a JAX
 compilation cache so that only the first one of the session pays for
 compiling the engine.
 """
@@ -9,6 +9,7 @@ compiling the engine.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import socket
@@ -135,17 +136,73 @@ def gcs_server(session_env) -> Iterator[GcsServer]:
         proc.wait(timeout=10)
 
 
-def _wait_http(endpoint: str, proc: subprocess.Popen) -> None:
+def _wait_http(endpoint: str, proc: subprocess.Popen, probe: str = "/storage/v1/b") -> None:
+    name = proc.args[2] if isinstance(proc.args, list) else proc.args
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"gcp-storage-emulator exited with {proc.returncode}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}")
         try:
-            urllib.request.urlopen(f"{endpoint}/storage/v1/b", timeout=1).close()
+            urllib.request.urlopen(f"{endpoint}{probe}", timeout=1).close()
             return
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"gcp-storage-emulator did not answer at {endpoint}")
+    raise RuntimeError(f"{name} did not answer at {endpoint}")
+
+
+@dataclasses.dataclass
+class S3Server:
+    """A running moto server (S3 protocol).
+
+    Attributes:
+      endpoint: ``http://127.0.0.1:<port>``.
+      options: The s3fs keyword arguments that reach it.
+    """
+
+    endpoint: str
+    options: dict[str, Any]
+
+    def fs(self):
+        """An s3fs file system talking to the server."""
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.options)
+
+    def bucket(self, name: str) -> str:
+        """Creates bucket ``name`` if needed; returns ``s3://name``."""
+        fs = self.fs()
+        if not fs.exists(name):
+            fs.mkdir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(session_env) -> Iterator[S3Server]:
+    """moto's S3 server on a free loopback port, with s3fs (here and in workers) pointed at it.
+
+    s3fs reads its defaults from fsspec's config: ``FSSPEC_S3`` holds them as
+    JSON for worker processes (``cluster.connect.forwarded_env`` passes
+    ``FSSPEC_*`` on), and this process's already-loaded config gets them too.
+    """
+    import fsspec
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    # No region: s3fs would send it as a bucket location, which us-east-1 refuses.
+    options = {"client_kwargs": {"endpoint_url": endpoint}, "key": "testing", "secret": "testing"}
+    try:
+        _wait_http(endpoint, proc, probe="/moto-api/")
+        session_env.setenv("FSSPEC_S3", json.dumps(options))
+        session_env.setitem(fsspec.config.conf, "s3", options)
+        yield S3Server(endpoint, options)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ LONG, SHORT = 400, 4
 def loop(demo_model, jax_cache) -> batching.EngineLoop:
     config, params, tokenizer = demo_model
     eng = engine.Engine(config, params, tokenizer, EngineConfig(num_slots=4, decode_steps=8))
-    return batching.EngineLoop(eng.generate)
+    return batching.EngineLoop(eng)
 
 
 def _request(rid: str, max_tokens: int) -> requests.Request:
@@ -35,9 +35,9 @@ def _until_taken(loop: batching.EngineLoop, timeout_s: float = 60.0) -> None:
 def test_a_request_submitted_mid_decode_does_not_wait_for_the_others(loop):
     """Before, the feed ended whenever its queue was empty and the engine drained every
     in-flight sample before taking the next request: one long row idled every slot."""
-    long = loop.submit([_request("long", LONG)])
+    long = loop.submit(batching.Batch([_request("long", LONG)]))
     _until_taken(loop)  # the long request is decoding, and the queue is empty
-    short = loop.submit([_request("short", SHORT)])
+    short = loop.submit(batching.Batch([_request("short", SHORT)]))
     (done,) = short.wait(timeout=300)
     assert done.finish_reason == "length" and len(done.tokens) == SHORT
     assert not long.done, "the short request waited for the long one to finish"
@@ -49,7 +49,7 @@ def test_a_request_submitted_mid_decode_does_not_wait_for_the_others(loop):
 def test_the_loop_serves_batch_after_batch(loop):
     """The feed blocks while the engine is idle and the stream never ends between batches."""
     for i in range(3):
-        batch = loop.submit([_request(f"b{i}-{j}", SHORT) for j in range(3)])
+        batch = loop.submit(batching.Batch([_request(f"b{i}-{j}", SHORT) for j in range(3)]))
         assert sorted(c.request_id for c in batch.wait(timeout=300)) == [f"b{i}-{j}" for j in range(3)]
         loop.release(batch)
     assert loop.fatal is None

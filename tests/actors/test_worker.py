@@ -1,6 +1,8 @@
 """The generation worker's contract, in-process with the real engine on the demo model."""
 
 import concurrent.futures
+import hashlib
+import re
 
 import fsspec
 import jax
@@ -63,8 +65,14 @@ def test_process_shard_writes_every_row_once(
     fsspec.filesystem("file").makedirs(out)
     result = gen_worker.process_shard(_spec(path, len(column), "00007"), _options(out))
 
-    assert result.output_path == f"{out}/part-00007.parquet"
-    table = pq.read_table(result.output_path)
+    assert result.output_path == f"{out}/part-00007.parquet"  # where the driver will put it
+    assert not fsspec.filesystem("file").exists(result.output_path)  # the worker never writes it
+    name = result.attempt_path.removeprefix(f"{out}/{output.ATTEMPTS_DIR}/")
+    assert re.fullmatch(r"part-00007\.a0-[0-9a-f]{8}\.parquet", name)
+    with open(result.attempt_path, "rb") as f:
+        data = f.read()
+    assert (result.size, result.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    table = pq.read_table(result.attempt_path)
     assert table.schema == output.output_schema(False)
     d = table.to_pydict()
     assert d["id"] == [f"r{i}" for i in range(len(column))]
@@ -96,7 +104,8 @@ def test_samples_per_row_and_chat(tmp_path, write_parquet, prompts, gen_worker):
     table = pq.read_table(pa.BufferReader(result.payload))
     assert table.column("sample_index").to_pylist() == [0, 1, 2, 0, 1, 2]
     assert table.column("id").to_pylist() == ["in.parquet#0"] * 3 + ["in.parquet#1"] * 3
-    assert not fsspec.filesystem("file").exists(result.output_path)  # the driver commits it
+    assert not fsspec.filesystem("file").exists(result.attempt_path)  # the driver writes it
+    assert result.sha256 == hashlib.sha256(result.payload).hexdigest()
 
     plain = gen_worker(rows.read_rows(spec, sampled), spec, _options(""))
     chat = gen_worker(rows.read_rows(spec, sampled), spec, _options("", chat=True))
@@ -126,7 +135,7 @@ def test_concurrent_shards_share_one_engine(tmp_path, write_parquet, prompts, ge
                 range(3),
             )
         )
-    tables = [pq.read_table(r.output_path) for r in results]
+    tables = [pq.read_table(r.attempt_path) for r in results]
     by_prompt = [
         dict(zip(prompts[i:] + prompts[:i], t.column("completion_tokens").to_pylist(), strict=True))
         for i, t in enumerate(tables)

@@ -18,7 +18,15 @@ def job_config(ray_address) -> Callable[..., config_lib.JobConfig]:
     """``make(inputs, output, workers=1, shard_rows=4, **cluster)``: a small CPU job on the session cluster."""
 
     def make(
-        inputs, output, *, workers=1, shard_rows=4, keep_columns=(), sampling=None, **cluster
+        inputs,
+        output,
+        *,
+        workers=1,
+        shard_rows=4,
+        keep_columns=(),
+        sampling=None,
+        resume=None,
+        **cluster,
     ) -> config_lib.JobConfig:
         return config_lib.JobConfig(
             io=config_lib.IOConfig(
@@ -34,6 +42,7 @@ def job_config(ray_address) -> Callable[..., config_lib.JobConfig]:
             cluster=config_lib.ClusterConfig(
                 address=ray_address, workers=workers, accelerator="cpu", **cluster
             ),
+            resume=resume or config_lib.ResumeConfig(),
         )
 
     return make

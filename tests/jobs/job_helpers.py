@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from collections.abc import Callable
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
 from griffin_batch.jobs import manifest
 
@@ -47,3 +49,13 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 def committed_shards(url: str) -> list[str]:
     """Shard ids with a commit record in a job's output."""
     return sorted(manifest.OutputDir(url).committed())
+
+
+def a_live_worker_pid() -> int:
+    """The process id of a generation worker that is alive now."""
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["name"].startswith("griffin-worker-"):
+            with contextlib.suppress(ValueError, ray.exceptions.RayError):
+                actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
+                return ray.get(actor.pid.remote(), timeout=30)
+    raise AssertionError("no live worker")

@@ -8,8 +8,13 @@ import signal
 import threading
 
 import pytest
-import ray
-from job_helpers import assert_exactly_once, committed_shards, read_output, wait_for
+from job_helpers import (
+    a_live_worker_pid,
+    assert_exactly_once,
+    committed_shards,
+    read_output,
+    wait_for,
+)
 
 from griffin_batch import model
 from griffin_batch.jobs import driver, generate
@@ -66,16 +71,6 @@ def test_job_writes_every_row_once(tmp_path, write_parquet, prompts, job_config,
     assert os.path.exists(f"{out}/{manifest_lib.SUCCESS_FILE}")
 
 
-def _a_live_worker_pid() -> int:
-    """The process id of a generation worker that is alive now."""
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["name"].startswith("griffin-worker-"):
-            with contextlib.suppress(ValueError, ray.exceptions.RayError):
-                actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
-                return ray.get(actor.pid.remote(), timeout=30)
-    raise AssertionError("no live worker")
-
-
 def _start_job(tmp_path, write_parquet, prompts, job_config, num_rows, **cluster):
     """Runs a 3-row-shard job in a thread; returns (ids, out, join) once a shard has committed.
 
@@ -113,7 +108,7 @@ def _start_job(tmp_path, write_parquet, prompts, job_config, num_rows, **cluster
 
 def test_killed_worker_loses_nothing(tmp_path, write_parquet, prompts, job_config):
     ids, out, join = _start_job(tmp_path, write_parquet, prompts, job_config, 48, workers=2)
-    os.kill(_a_live_worker_pid(), signal.SIGKILL)
+    os.kill(a_live_worker_pid(), signal.SIGKILL)
     result = join()
     assert result.succeeded
     assert_exactly_once(read_output(out), ids)
@@ -201,7 +196,7 @@ def test_stopped_worker_is_declared_hung_and_replaced(tmp_path, write_parquet, p
     ids, out, join = _start_job(
         tmp_path, write_parquet, prompts, job_config, 24, workers=1, stall_timeout_s=stall_s
     )
-    victim = _a_live_worker_pid()
+    victim = a_live_worker_pid()
     os.kill(victim, signal.SIGSTOP)
     try:
         result = join()

@@ -1,0 +1,515 @@
+"""Row-level progress of a running shard: checkpoints a retried shard starts from.
+
+While a shard runs, its worker writes checkpoints under
+``<output>/_progress/<shard id>/`` (``shards.progress_url``). Checkpoint ``k`` is two files, written in
+this order:
+
+* ``<k>-<tag>.state.safetensors``: the fixed-size model state of every sample
+  still decoding (``model.snapshots``), O(slots) whatever the output length;
+* ``<k>-<tag>.delta.safetensors``: what changed since checkpoint ``k - 1``
+  (its ``parent``): each sample's new tokens, text and logprobs, and which
+  samples finished. It names its state file with the file's sha256, so it is
+  the checkpoint's commit marker.
+
+A checkpoint therefore costs O(state + tokens since the previous one), never
+O(all tokens so far). ``tag`` is random per attempt, so attempts never write
+the same name; a retried attempt continues the chain it loaded. Only the two
+newest state files of a chain are kept.
+
+``ProgressStore.load`` follows parents from the newest delta back to the first
+and takes the newest checkpoint whose whole chain reads back, matches the
+model (``snapshots.model_fingerprint``) and whose state file matches its
+checksum; anything else is skipped with a warning, falling back to older
+checkpoints and, at worst, to the finished rows alone. Sampling depends only
+on (seed, sample index, token index), so any good checkpoint, from any
+attempt, continues exactly as an uninterrupted run would.
+
+Everything is arrays and JSON in safetensors files; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import struct
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import fsspec
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+
+from griffin_batch.model import requests, snapshots
+from griffin_batch.model.engine import SlotSnapshot
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STATES_KEPT = 2  # the newest state and one to fall back to
+_META_KEY = "griffin_batch"
+_NAME = re.compile(r"^(\d{8})-([0-9a-f]{8})\.(delta|state)\.safetensors$")
+
+Key = tuple[str, int]  # (request id, sample index)
+
+
+class ProgressError(ValueError):
+    """A progress file that cannot be used (unreadable, foreign, inconsistent)."""
+
+
+# Files: safetensors with a JSON header entry --------------------------------
+
+def encode_file(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bytes:
+    """Arrays and JSON as one safetensors file (bfloat16 travels as its bits)."""
+    stored, dtypes = {}, {}
+    for name, a in arrays.items():
+        if a.dtype == ml_dtypes.bfloat16:
+            stored[name], dtypes[name] = a.view(np.uint16), "bfloat16"
+        else:
+            stored[name] = a
+    header = {**meta, "bfloat16": sorted(dtypes)}
+    return safetensors.numpy.save(stored, metadata={_META_KEY: json.dumps(header)})
+
+
+def decode_file(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Inverse of ``encode_file``.
+
+    Raises:
+      ProgressError: Not a safetensors file of ours (truncated, corrupt, foreign).
+    """
+    try:
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + size])
+        meta = json.loads(header["__metadata__"][_META_KEY])
+        arrays = safetensors.numpy.load(data)
+    except Exception as e:  # noqa: BLE001 - any parse failure means the same: unusable
+        raise ProgressError(f"not a readable progress file: {type(e).__name__}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
+        raise ProgressError(f"unknown progress format {meta.get('version')!r}")
+    for name in meta.get("bfloat16", []):
+        if name not in arrays:
+            raise ProgressError(f"array {name} is missing")
+        arrays[name] = arrays[name].view(ml_dtypes.bfloat16)
+    return arrays, meta
+
+
+# What is written and what is read back ----------------------------------------
+
+@dataclasses.dataclass
+class SoFar:
+    """A sample's output so far, appended to as chunks arrive.
+
+    Text is kept as pieces (joined on demand) so that appending stays O(piece)
+    however long the output.
+    """
+
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    pieces: list[str] = dataclasses.field(default_factory=list)
+    logprobs: list[float] | None = None
+    num_prompt_tokens: int = 0
+    chars: int = 0
+
+    def extend(self, tokens: Sequence[int], text: str, logprobs: Sequence[float] | None) -> None:
+        self.tokens.extend(tokens)
+        if text:
+            self.pieces.append(text)
+            self.chars += len(text)
+        if logprobs is not None:
+            self.logprobs = (self.logprobs or []) + list(logprobs)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def mark(self) -> tuple[int, int, int]:
+        """(tokens, pieces, chars) held now: where the next delta starts."""
+        return len(self.tokens), len(self.pieces), self.chars
+
+
+@dataclasses.dataclass
+class Restored:
+    """What a shard's newest good checkpoint holds.
+
+    Attributes:
+      finished: Samples that finished, as completions.
+      decoding: Samples that were decoding: their snapshot and output so far.
+      chain: The checkpoint chain it came from, oldest first (empty: nothing usable).
+    """
+
+    finished: list[requests.Completion]
+    decoding: list[tuple[SlotSnapshot, SoFar]]
+    chain: list[str]
+
+
+@dataclasses.dataclass
+class _Delta:
+    name: str
+    seq: int
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+
+class ProgressStore:
+    """One shard's checkpoints on any fsspec file system.
+
+    Args:
+      url: The shard's progress directory (``<output>/_progress/<shard id>``).
+      fingerprint: ``snapshots.model_fingerprint`` of the model writing or reading.
+      template: ``snapshots.cache_template`` of that model.
+    """
+
+    def __init__(self, url: str, fingerprint: str, template: Any):
+        self.fs, self.path = fsspec.core.url_to_fs(url)
+        self.path = self.path.rstrip("/")
+        self.fingerprint = fingerprint
+        self.template = template
+
+    def _join(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    # Writing --------------------------------------------------------------
+    def write(self, seq: int, tag: str, parent: str | None,
+              samples: Sequence[Mapping[str, Any]], delta_arrays: Mapping[str, np.ndarray],
+              decoding: Sequence[SlotSnapshot]) -> str:
+        """Writes checkpoint ``seq`` (state first, then the delta); returns the delta's name."""
+        base = f"{seq:08d}-{tag}"
+        state = None
+        if decoding:
+            arrays, metas = {}, []
+            for i, snap in enumerate(decoding):
+                a, m = snapshots.to_data(snap, f"s{i}")
+                arrays.update(a)
+                metas.append(m)
+            data = encode_file(arrays, {"version": FORMAT_VERSION,
+                                        "fingerprint": self.fingerprint, "samples": metas})
+            state = {"name": f"{base}.state.safetensors", "bytes": len(data),
+                     "sha256": hashlib.sha256(data).hexdigest()}
+            self._put(state["name"], data)
+        meta = {"version": FORMAT_VERSION, "fingerprint": self.fingerprint, "seq": seq,
+                "parent": parent, "state": state, "samples": list(samples)}
+        name = f"{base}.delta.safetensors"
+        self._put(name, encode_file(delta_arrays, meta))
+        return name
+
+    def _put(self, name: str, data: bytes) -> None:
+        # One object per file: a reader sees all of it or nothing on object
+        # stores; on local disks a torn file fails its parse or checksum.
+        if not self.fs.exists(self.path):
+            self.fs.makedirs(self.path, exist_ok=True)
+        self.fs.pipe_file(self._join(name), data)
+
+    def remove_state(self, delta_name: str) -> None:
+        """Deletes the state file of a checkpoint (a newer one supersedes it)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._join(delta_name.replace(".delta.", ".state.")))
+
+    def remove(self) -> None:
+        """Deletes the shard's progress (after it committed)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.path, recursive=True)
+
+    # Reading --------------------------------------------------------------
+    def load(self) -> Restored:
+        """The newest checkpoint that fully checks out; see the module docstring."""
+        deltas = self._read_deltas()
+        heads = sorted(deltas.values(), key=lambda d: d.seq, reverse=True)
+        fallback: Restored | None = None
+        for head in heads:
+            try:
+                chain = self._chain(head, deltas)
+                outputs, finished = _replay(chain)
+            except ProgressError as e:
+                log.warning("progress %s: skipping checkpoint %s: %s", self.path, head.name, e)
+                continue
+            try:
+                decoding = self._read_state(head, outputs, finished)
+            except ProgressError as e:
+                log.warning("progress %s: state of %s is unusable (%s); trying an older one",
+                            self.path, head.name, e)
+                if fallback is None:  # finished rows still count: decoding samples restart
+                    fallback = Restored(_completions(outputs, finished), [],
+                                        [d.name for d in chain])
+                continue
+            return Restored(_completions(outputs, finished), decoding, [d.name for d in chain])
+        return fallback or Restored([], [], [])
+
+    def _read_deltas(self) -> dict[str, _Delta]:
+        try:
+            names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
+        except FileNotFoundError:
+            return {}
+        wanted = {n: m for n in names if (m := _NAME.match(n)) and m.group(3) == "delta"}
+        blobs = self.fs.cat([self._join(n) for n in wanted]) if wanted else {}
+        out = {}
+        for path, data in blobs.items():
+            name = path.rsplit("/", 1)[-1]
+            try:
+                arrays, meta = decode_file(data)
+                if meta.get("fingerprint") != self.fingerprint:
+                    raise ProgressError("written by another model (fingerprint differs)")
+                if meta.get("seq") != int(wanted[name].group(1)):
+                    raise ProgressError("its sequence number differs from its name")
+            except ProgressError as e:
+                log.warning("progress %s: ignoring %s: %s", self.path, name, e)
+                continue
+            out[name] = _Delta(name, meta["seq"], meta, arrays)
+        return out
+
+    @staticmethod
+    def _chain(head: _Delta, deltas: Mapping[str, _Delta]) -> list[_Delta]:
+        chain = [head]
+        while (parent := chain[-1].meta.get("parent")) is not None:
+            if parent not in deltas:
+                raise ProgressError(f"its parent {parent} is missing or unreadable")
+            if deltas[parent].seq != chain[-1].seq - 1:
+                raise ProgressError(f"parent {parent} is not the previous checkpoint")
+            chain.append(deltas[parent])
+        if chain[-1].seq != 1:
+            raise ProgressError("its chain does not start at checkpoint 1")
+        return chain[::-1]
+
+    def _read_state(self, head: _Delta, outputs: Mapping[Key, SoFar],
+                    finished: Mapping[Key, dict]) -> list[tuple[SlotSnapshot, SoFar]]:
+        state = head.meta.get("state")
+        if state is None:
+            return []
+        try:
+            data = self.fs.cat_file(self._join(state["name"]))
+        except (FileNotFoundError, KeyError, TypeError):
+            raise ProgressError("its state file is missing") from None
+        if len(data) != state.get("bytes") or hashlib.sha256(data).hexdigest() != state.get(
+                "sha256"):
+            raise ProgressError("its state file does not match its checksum")
+        arrays, meta = decode_file(data)
+        out = []
+        for i, m in enumerate(meta.get("samples", [])):
+            try:
+                snap = snapshots.from_data(arrays, m, f"s{i}", self.template)
+            except snapshots.SnapshotError as e:
+                raise ProgressError(str(e)) from None
+            key = (snap.request.request_id, snap.sample_index)
+            so_far = outputs.get(key, SoFar())
+            if key in finished or len(so_far.tokens) != snap.generated:
+                raise ProgressError(f"sample {key} has {len(so_far.tokens)} tokens recorded, "
+                                    f"its state {snap.generated}")
+            out.append((snap, so_far))
+        return out
+
+
+def _replay(chain: Sequence[_Delta]) -> tuple[dict[Key, SoFar], dict[Key, dict]]:
+    """Each sample's output and finish record, from the chain's deltas in order."""
+    outputs: dict[Key, SoFar] = {}
+    finished: dict[Key, dict] = {}
+    for delta in chain:
+        for i, s in enumerate(delta.meta.get("samples", [])):
+            try:
+                key = (str(s["request_id"]), int(s["sample_index"]))
+                before, chars = int(s["tokens_before"]), int(s["chars_before"])
+                tokens = delta.arrays.get(f"tokens/{i}", np.zeros(0, np.int32))
+                logprobs = delta.arrays.get(f"logprobs/{i}")
+                out = outputs.setdefault(key, SoFar())
+                if before > len(out.tokens) or chars > out.chars:
+                    raise ProgressError(f"sample {key} continues past what was recorded")
+                # A sample that restarted (its state was lost) overwrites from ``before``.
+                del out.tokens[before:]
+                if chars < out.chars:
+                    out.pieces, out.chars = [out.text[:chars]], chars
+                if out.logprobs is not None:
+                    del out.logprobs[before:]
+                out.extend(tokens.astype(int).tolist(), str(s["text"]),
+                           None if logprobs is None else logprobs.astype(float).tolist())
+                out.num_prompt_tokens = int(s["num_prompt_tokens"])
+                if s.get("finish") is not None:
+                    finished[key] = dict(s["finish"])
+                else:
+                    finished.pop(key, None)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ProgressError(f"{delta.name}: malformed sample record: {e}") from None
+    return outputs, finished
+
+
+def _completions(outputs: Mapping[Key, SoFar],
+                 finished: Mapping[Key, dict]) -> list[requests.Completion]:
+    return [requests.Completion(
+        request_id=key[0], sample_index=key[1], tokens=list(outputs[key].tokens),
+        text=outputs[key].text, finish_reason=f["finish_reason"],
+        num_prompt_tokens=outputs[key].num_prompt_tokens, error=f.get("error"),
+        logprobs=outputs[key].logprobs) for key, f in finished.items()]
+
+
+@dataclasses.dataclass
+class ResumeWork:
+    """A shard attempt's work, given its restored progress.
+
+    Attributes:
+      requests: Requests with no sample restored (run from their prompts).
+      resumed: Decoding samples to continue, and single samples to run from
+        their prompts (``pending`` snapshots: the other samples of a request
+        with some restored), each with its output so far.
+      finished: Restored finished samples, under this attempt's request ids.
+      restored_tokens: Generated tokens taken from the checkpoint.
+    """
+
+    requests: list[requests.Request]
+    resumed: list[tuple[SlotSnapshot, SoFar]]
+    finished: list[requests.Completion]
+    restored_tokens: int
+
+
+def resume_work(request_list: Sequence[requests.Request], restored: Restored,
+                row_of: Callable[[str], int]) -> ResumeWork:
+    """Splits a shard's requests into what is done, what continues and what starts.
+
+    Stored samples are matched to this attempt's requests by row (their
+    stored id); one whose request differs (another prompt or sampling
+    parameters) is dropped with a warning and runs again.
+    """
+    by_row = {row_of(r.request_id): r for r in request_list}
+
+    def request_for(stored_id: str, sample_index: int, stored=None) -> requests.Request | None:
+        request = by_row.get(int(stored_id)) if stored_id.isdigit() else None
+        if request is None or sample_index >= request.params.n or (
+                stored is not None and (stored.prompt, stored.params) != (
+                    request.prompt, request.params)):
+            log.warning("progress: stored sample %s/%d does not match this shard's rows; "
+                        "running it again", stored_id, sample_index)
+            return None
+        return request
+
+    taken: dict[int, set[int]] = collections.defaultdict(set)
+    finished, resumed, tokens = [], [], 0
+    for c in restored.finished:
+        if (request := request_for(c.request_id, c.sample_index)) is not None:
+            finished.append(dataclasses.replace(c, request_id=request.request_id))
+            taken[int(c.request_id)].add(c.sample_index)
+            tokens += len(c.tokens)
+    for snap, so_far in restored.decoding:
+        stored_id = snap.request.request_id
+        if (request := request_for(stored_id, snap.sample_index, snap.request)) is not None:
+            resumed.append((dataclasses.replace(snap, request=request), so_far))
+            taken[int(stored_id)].add(snap.sample_index)
+            tokens += len(so_far.tokens)
+    fresh = []
+    for row, request in by_row.items():
+        if row not in taken:
+            fresh.append(request)
+            continue
+        resumed += [(SlotSnapshot(request=request, sample_index=i, prompt_len=0, generated=0,
+                                  last_token=0, cache=None, text_state=None, pending=True),
+                     SoFar()) for i in range(request.params.n) if i not in taken[row]]
+    return ResumeWork(fresh, resumed, finished, tokens)
+
+
+# The writer's side: what to write next -----------------------------------------
+
+class ShardCheckpointer:
+    """Builds one shard attempt's checkpoints and remembers what is already stored.
+
+    ``prepare`` runs where the outputs live (the engine thread, between decode
+    rounds) and copies only what is new; ``write`` may run on another thread,
+    one checkpoint at a time, and advances the stored marks once the files
+    are in place. A failed write leaves the marks, so the next checkpoint
+    carries its changes too.
+
+    Args:
+      store: The shard's progress store.
+      restored: What the attempt started from (``store.load()``); its chain
+        is continued.
+      stored_id: Maps an engine request id to the id stored (ids that differ
+        from attempt to attempt become ones that do not).
+    """
+
+    def __init__(self, store: ProgressStore, restored: Restored | None = None,
+                 stored_id: Callable[[str], str] = str):
+        self.store = store
+        self._stored_id = stored_id
+        self.tag = uuid.uuid4().hex[:8]
+        chain = restored.chain if restored else []
+        self.parent: str | None = chain[-1] if chain else None
+        self.seq = len(chain)
+        self._states = list(chain[-STATES_KEPT:])  # deltas whose state files may exist
+        # Where storage ends per sample: (tokens, pieces, chars) of its SoFar.
+        self._stored: dict[Key, tuple[int, int, int]] = {}
+        self._done: set[Key] = set()
+        for c in restored.finished if restored else ():
+            self._done.add((c.request_id, c.sample_index))
+        for snap, so_far in restored.decoding if restored else ():
+            self._stored[(snap.request.request_id, snap.sample_index)] = so_far.mark()
+
+    def prepare(self, finished: Iterable[requests.Completion],
+                decoding: Iterable[tuple[SlotSnapshot, SoFar]]) -> Checkpoint | None:
+        """The next checkpoint: what changed since the stored one (None: nothing did).
+
+        Args:
+          finished: The attempt's finished samples (those already stored are skipped).
+          decoding: Decoding samples' snapshots (states copied off the device)
+            and their outputs so far.
+        """
+        ckpt = Checkpoint(seq=self.seq + 1, parent=self.parent)
+        for c in finished:
+            key = (self._stored_id(c.request_id), c.sample_index)
+            if key in self._done:
+                continue
+            before, _, chars = self._stored.get(key, (0, 0, 0))
+            ckpt.add(key, before, chars, c.tokens[before:], c.text[chars:],
+                     None if c.logprobs is None else c.logprobs[before:], c.num_prompt_tokens,
+                     {"finish_reason": c.finish_reason, "error": c.error})
+        for snap, so_far in decoding:
+            key = (self._stored_id(snap.request.request_id), snap.sample_index)
+            before, piece, chars = self._stored.get(key, (0, 0, 0))
+            ckpt.add(key, before, chars, so_far.tokens[before:], "".join(so_far.pieces[piece:]),
+                     None if so_far.logprobs is None else so_far.logprobs[before:],
+                     so_far.num_prompt_tokens, None, mark=so_far.mark())
+            ckpt.states.append(dataclasses.replace(
+                snap, request=dataclasses.replace(snap.request, request_id=key[0])))
+        changed = ckpt.done or any(m != self._stored.get(k) for k, m in ckpt.marks.items())
+        return ckpt if changed else None
+
+    def write(self, ckpt: Checkpoint) -> str:
+        """Writes a prepared checkpoint and advances the stored marks; returns its name."""
+        name = self.store.write(ckpt.seq, self.tag, ckpt.parent, ckpt.records, ckpt.arrays,
+                                ckpt.states)
+        self.seq, self.parent = ckpt.seq, name
+        self._stored.update(ckpt.marks)
+        for key in ckpt.done:
+            self._stored.pop(key, None)
+        self._done |= ckpt.done
+        self._states.append(name)
+        while len(self._states) > STATES_KEPT:
+            self.store.remove_state(self._states.pop(0))
+        return name
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """One prepared checkpoint: delta records and arrays, decoding states, new marks."""
+
+    seq: int
+    parent: str | None
+    records: list[dict] = dataclasses.field(default_factory=list)
+    arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    states: list[SlotSnapshot] = dataclasses.field(default_factory=list)
+    marks: dict[Key, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
+    done: set[Key] = dataclasses.field(default_factory=set)
+
+    def add(self, key: Key, before: int, chars: int, tokens: Sequence[int], text: str,
+            logprobs: Sequence[float] | None, num_prompt_tokens: int, finish: dict | None,
+            mark: tuple[int, int, int] | None = None) -> None:
+        i = len(self.records)
+        self.arrays[f"tokens/{i}"] = np.asarray(tokens, np.int32)
+        if logprobs is not None:
+            self.arrays[f"logprobs/{i}"] = np.asarray(logprobs, np.float32)
+        self.records.append({
+            "request_id": key[0], "sample_index": key[1], "tokens_before": before,
+            "chars_before": chars, "text": text, "num_prompt_tokens": num_prompt_tokens,
+            "finish": finish})
+        if finish is not None:
+            self.done.add(key)
+        else:
+            self.marks[key] = mark
