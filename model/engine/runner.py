@@ -1,0 +1,232 @@
+"""The device runner: compiled functions, the device state, and the work done on device.
+
+``ModelRunner`` holds the mesh, the sharded parameters (and on CPU their
+hoisted slices) and the slot cache, the fixed-size model state of every slot,
+which lives on device and is donated to every compiled call. It runs what the
+scheduler plans: prefill groups chunk by chunk (``PrefillGroup``), their
+first tokens and the copy of their state into slots, and decode rounds.
+
+Compilation is bounded by design: prefill chunk lengths and group sizes are
+powers of two, and decode compiles once per attention-ring bucket.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from griffin_batch.model import array_typing as at
+from griffin_batch.model import griffin, sharding
+from griffin_batch.model.config import GriffinConfig
+from griffin_batch.model.engine.output_processor import SampleState
+from griffin_batch.model.engine.scheduler import DecodePlan, PrefillPlan, pow2_at_least
+from griffin_batch.model.engine_config import EngineConfig
+from griffin_batch.model.sampling import RowParams, sample_tokens
+
+MIN_CHUNK = 16  # smallest prefill chunk bucket
+MIN_GROUP = 2  # smallest prefill group (see PrefillGroup)
+
+
+# Compiled device functions --------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("config", "steps", "ring_limit", "scan"),
+                   donate_argnames=("cache",))
+def _decode(config, params, hoisted, cache, last_tokens, positions, token_index, rows, *,
+            steps, ring_limit, scan):
+    """``steps`` decode steps for every slot; inactive slots have position -1.
+
+    ``hoisted``: ``griffin.hoist(params)`` or {} (see ``ModelRunner.__init__``).
+    """
+
+    def step(carry, _):
+        cache, tokens, pos, idx = carry
+        logits, cache = griffin.apply(config, params, tokens[:, None], pos[:, None], cache,
+                                      ring_limit=ring_limit, scan_implementation=scan,
+                                      hoisted=hoisted)
+        nxt, logprob = sample_tokens(logits[:, 0], rows, idx)
+        pos = jnp.where(pos >= 0, pos + 1, -1)
+        return (cache, nxt, pos, idx + 1), (nxt, logprob)
+
+    (cache, _, _, _), (tokens, logprobs) = jax.lax.scan(
+        step, (cache, last_tokens, positions, token_index), None, length=steps)
+    return cache, tokens.T, logprobs.T  # [S, K]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scan"), donate_argnames=("cache",))
+def _prefill_chunk(config, params, cache, tokens, positions, *, scan):
+    """One prefill chunk for a group; returns logits at each row's last valid token."""
+    last = jnp.maximum(jnp.sum(positions >= 0, axis=1) - 1, 0)
+    logits, cache = griffin.apply(config, params, tokens, positions, cache,
+                                  scan_implementation=scan, logits_at=last)
+    return cache, logits[:, 0]
+
+
+@jax.jit
+def _first_tokens(logits, row_of, rows):
+    """First token of each sample from the logits of its prompt's row ``row_of[i]``."""
+    return sample_tokens(logits[row_of], rows, jnp.zeros(row_of.shape, jnp.int32))
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _insert(cache, rows_cache, row_of, slots):
+    """Copies row ``row_of[i]`` of ``rows_cache`` into slot ``slots[i]`` (out of range: dropped)."""
+    return jax.tree.map(lambda c, r: c.at[slots].set(r[row_of].astype(c.dtype), mode="drop"),
+                        cache, rows_cache)
+
+
+_COMPILED = (_decode, _prefill_chunk, _first_tokens, _insert)
+
+
+def _row_params(samples: Sequence[SampleState | None]) -> RowParams:
+    def col(fn, dtype, default):
+        return np.array([fn(s.params) if s else default for s in samples], dtype)
+
+    return RowParams(
+        temperature=col(lambda p: p.temperature, np.float32, 0.0),
+        top_k=col(lambda p: p.top_k or 0, np.int32, 0),
+        top_p=col(lambda p: 1.0 if p.top_p is None else p.top_p, np.float32, 1.0),
+        seed=col(lambda p: p.seed & 0xFFFFFFFF, np.uint32, 0),
+        sample_index=np.array([s.sample_index if s else 0 for s in samples], np.int32),
+    )
+
+
+class PrefillGroup:
+    """Prompts prefilled together with their own cache, one chunk per ``advance``.
+
+    Attributes:
+      plan: the samples, their slots and prompt rows.
+      cache: the group's model state, one row per prompt (padded).
+      last_logits: per row, the logits at its prompt's last token once consumed.
+      done: every prompt is consumed.
+    """
+
+    def __init__(self, plan: PrefillPlan, runner: ModelRunner):
+        self.plan = plan
+        # At least two rows: XLA:CPU compiles a one-row batch differently (other
+        # fusions, other bf16 rounding), and a prompt must prefill to the same
+        # state whatever its group, or a retried shard would not reproduce it.
+        self.size = pow2_at_least(len(plan.prompts), MIN_GROUP)
+        self.lengths = np.zeros(self.size, np.int64)
+        self.lengths[: len(plan.prompts)] = [len(p) for p in plan.prompts]
+        self.offset = 0
+        self.cache = jax.device_put(
+            griffin.init_cache(runner.config, self.size, runner.dtype), runner.replicated)
+        self.last_logits = jnp.zeros((self.size, runner.config.vocab_size), jnp.float32)
+        self.chunk = runner.engine_config.chunk_size
+        self.done = False
+
+    def advance(self, runner: ModelRunner) -> None:
+        """Prefills the next chunk of every prompt."""
+        remaining = int(self.lengths.max()) - self.offset
+        length = min(self.chunk, pow2_at_least(remaining, MIN_CHUNK))
+        tokens = np.zeros((self.size, length), np.int32)
+        positions = np.full((self.size, length), -1, np.int32)
+        for i, prompt in enumerate(self.plan.prompts):
+            piece = prompt[self.offset : self.offset + length]
+            tokens[i, : len(piece)] = piece
+            positions[i, : len(piece)] = np.arange(self.offset, self.offset + len(piece))
+        self.cache, logits = _prefill_chunk(
+            runner.config, runner.params, self.cache, tokens, positions,
+            scan=runner.engine_config.scan_implementation)
+        # Keep the logits of rows whose prompt ended in this chunk.
+        ends = (self.lengths > self.offset) & (self.lengths <= self.offset + length)
+        self.last_logits = jnp.where(jnp.asarray(ends)[:, None], logits, self.last_logits)
+        self.offset += length
+        self.done = self.offset >= self.lengths.max()
+
+
+class ModelRunner:
+    """The engine's device side: sharded parameters and the slot cache.
+
+    Args:
+      config: Model hyper-parameters.
+      params: Parameter tree (its dtype is the compute dtype).
+      engine_config: Sizing; see ``EngineConfig``.
+
+    Attributes:
+      mesh: the devices the engine spans.
+      params: the parameters, sharded over ``mesh``.
+      dtype: the compute dtype.
+      cache: every slot's model state, split over the mesh's data axis.
+    """
+
+    def __init__(self, config: GriffinConfig, params: at.Params, engine_config: EngineConfig):
+        self.config = config
+        self.engine_config = ec = engine_config
+        self.mesh = sharding.make_mesh(ec.num_devices, ec.model_parallel)
+        data_size = self.mesh.shape[sharding.DATA]
+        if ec.num_slots % data_size:
+            raise ValueError(f"EngineConfig.num_slots={ec.num_slots} must be a multiple of the "
+                             f"{data_size} data-parallel device groups the engine spans")
+        self._by_slot = sharding.slot_sharding(self.mesh)
+        self.replicated = sharding.replicated(self.mesh)
+        self.params = jax.device_put(params, sharding.param_shardings(params, self.mesh))
+        self.dtype = griffin.param_dtype(params)
+        # XLA:CPU copies weight slices inside the decode loop on every step, so
+        # on CPU the engine keeps them pre-sliced (extra memory: the MLP's
+        # up-projection, a third of the non-embedding weights). Other backends
+        # fuse the slices into the matmuls and need nothing.
+        on_cpu = self.mesh.devices.flat[0].platform == "cpu"
+        self._hoisted = jax.jit(griffin.hoist)(self.params) if on_cpu else {}
+        self.cache = jax.device_put(griffin.init_cache(config, ec.num_slots, self.dtype),
+                                    self._by_slot)
+
+    def start_prefill(self, plan: PrefillPlan) -> PrefillGroup:
+        """A prefill group for ``plan``, with a fresh cache of its own."""
+        return PrefillGroup(plan, self)
+
+    def finish_prefill(self, group: PrefillGroup) -> tuple[np.ndarray, np.ndarray]:
+        """Samples each sample's first token and copies its row's state into its slot.
+
+        Returns:
+          (tokens, logprobs), host arrays with one entry per sample of the
+          plan, then padding.
+        """
+        plan, ec = group.plan, self.engine_config
+        # Samples of one request share a prefilled row: copy it into each slot.
+        width = pow2_at_least(len(plan.samples), MIN_GROUP)
+        rows = _row_params(plan.samples + [None] * (width - len(plan.samples)))
+        row_of = np.zeros(width, np.int32)
+        row_of[: len(plan.row_of)] = plan.row_of
+        tokens, logprobs = _first_tokens(group.last_logits, row_of, rows)
+        slots = np.full(width, ec.num_slots, np.int32)
+        slots[: len(plan.slots)] = plan.slots
+        self.cache = self._on_slots(_insert(self.cache, group.cache, row_of, jnp.asarray(slots)))
+        return np.asarray(tokens), np.asarray(logprobs)
+
+    def decode(self, plan: DecodePlan) -> tuple[np.ndarray, np.ndarray]:
+        """Runs one decode round; returns host (tokens, logprobs), both [num_slots, steps]."""
+        ec = self.engine_config
+        cache, tokens, logprobs = _decode(
+            self.config, self.params, self._hoisted, self.cache, plan.last_tokens,
+            plan.positions, plan.token_index, _row_params(plan.samples),
+            steps=ec.decode_steps, ring_limit=plan.ring_limit, scan=ec.scan_implementation)
+        self.cache = self._on_slots(cache)
+        return np.asarray(tokens), np.asarray(logprobs)
+
+    def load_slot(self, slot: int, row) -> None:
+        """Copies one row of model state (a host pytree, as ``read_slots`` gives) into ``slot``."""
+        row = jax.device_put(row, self.replicated)
+        self.cache = self._on_slots(_insert(self.cache, row, np.zeros(1, np.int32),
+                                            jnp.asarray([slot], jnp.int32)))
+
+    def read_slots(self, slots: Sequence[int]) -> list:
+        """Each slot's model state as a host pytree of one row (numpy arrays)."""
+        if not slots:
+            return []
+        # One transfer of the whole slot array, then host-side copies per row.
+        host = jax.device_get(self.cache)
+        return [jax.tree.map(lambda x, i=slot: np.array(x[i : i + 1]), host) for slot in slots]
+
+    @staticmethod
+    def compile_counts() -> dict[str, int]:
+        """How many programs each compiled function holds (bounded by design)."""
+        return {f.__name__: f._cache_size() for f in _COMPILED}
+
+    def _on_slots(self, cache):
+        # Keep the slot axis split over devices whatever XLA propagated (no-op if so).
+        return jax.device_put(cache, self._by_slot)
