@@ -8,6 +8,9 @@ whose concatenation equals ``decode`` of the whole stream.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import types
 from collections.abc import Iterable, Mapping, Sequence
 
 import fsspec
@@ -114,9 +117,58 @@ class Tokenizer:
         """Wraps one user turn in the instruction-tuned format (reference ``apply_it_formatter``)."""
         return f"{START_OF_TURN}user\n{user_text}{END_OF_TURN}\n{START_OF_TURN}model\n"
 
+    @functools.cached_property
+    def decode_constants(self) -> DecodeConstants:
+        """What every ``StreamDecoder`` of this tokenizer needs, found once.
+
+        Finding it scans the whole vocabulary (256k pieces for Gemma): done per
+        sample, it would stall the engine for a good part of a second each time.
+        """
+        return DecodeConstants.of(self)
+
     def stream_decoder(self) -> StreamDecoder:
         """A fresh incremental detokenizer for one token stream."""
         return StreamDecoder(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConstants:
+    """A tokenizer's facts that incremental decoding relies on (see ``StreamDecoder``).
+
+    Attributes:
+      byte_value: Byte-fallback piece id -> the byte it stands for.
+      anchor: An ordinary piece decoded in front of each window once text has started.
+      anchor_text: Its text.
+      probe: A piece starting with "▁" (None if there is none).
+      probe_at_start: The probe's text at the start of a text.
+      probe_after_text: The probe's text after other text.
+    """
+
+    byte_value: Mapping[int, int]
+    anchor: int
+    anchor_text: str
+    probe: int | None
+    probe_at_start: str
+    probe_after_text: str
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> DecodeConstants:
+        sp = tokenizer.processor
+        byte_value = {i: int(sp.IdToPiece(i)[3:5], 16)
+                      for i in range(sp.GetPieceSize()) if sp.IsByte(i)}
+        anchor = _find_piece(sp, lambda p: p.isalnum())
+        if anchor is None:  # an ASCII byte is a complete UTF-8 character too
+            anchor = next((i for i, b in byte_value.items() if b == ord("a")), None)
+        if anchor is None:
+            raise ValueError("tokenizer has neither an alphanumeric piece nor byte fallback")
+        anchor_text = tokenizer.decode([anchor])
+        probe = _find_piece(sp, lambda p: p.startswith("\u2581"))
+        at_start = after_text = ""
+        if probe is not None:
+            at_start = tokenizer.decode([probe])
+            after_text = tokenizer.decode([anchor, probe])[len(anchor_text) :]
+        return cls(types.MappingProxyType(byte_value), anchor, anchor_text, probe, at_start,
+                   after_text)
 
 
 class StreamDecoder:
@@ -138,26 +190,11 @@ class StreamDecoder:
 
     def __init__(self, tokenizer: Tokenizer):
         self._tok = tokenizer
-        sp = tokenizer.processor
-        self._byte_value: dict[int, int] = {}
-        for i in range(sp.GetPieceSize()):
-            if sp.IsByte(i):
-                self._byte_value[i] = int(sp.IdToPiece(i)[3:5], 16)
-        self._anchor = _find_piece(sp, lambda p: p.isalnum())
-        if self._anchor is None:  # an ASCII byte is a complete UTF-8 character too
-            self._anchor = next((i for i, b in self._byte_value.items() if b == ord("a")), None)
-        if self._anchor is None:
-            raise ValueError("tokenizer has neither an alphanumeric piece nor byte fallback")
-        self._anchor_text = tokenizer.decode([self._anchor])
-        self._probe = _find_piece(sp, lambda p: p.startswith("\u2581"))
-        self._probe_at_start = self._probe_after_text = ""
-        if self._probe is not None:
-            self._probe_at_start = tokenizer.decode([self._probe])
-            self._probe_after_text = tokenizer.decode([self._anchor, self._probe])[
-                len(self._anchor_text) :
-            ]
+        c = tokenizer.decode_constants
+        self._byte_value, self._anchor, self._anchor_text = c.byte_value, c.anchor, c.anchor_text
+        self._probe, self._probe_at_start = c.probe, c.probe_at_start
         # True while a leading "▁" would still be dropped (nothing visible decoded yet).
-        self._at_start = self._probe_at_start != self._probe_after_text
+        self._at_start = c.probe_at_start != c.probe_after_text
         self._pending: list[int] = []
 
     def state(self) -> dict:
