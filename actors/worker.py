@@ -113,8 +113,7 @@ class GenerationWorker:
 
         def on_sigterm(signum, frame):
             if not self._draining:
-                self._draining = True
-                threading.Thread(target=self._drain_and_exit, name="drain", daemon=True).start()
+                self._start_drain("SIGTERM (preemption or shutdown)")
                 return
             signal.signal(signal.SIGTERM, previous)
             if callable(previous):
@@ -123,10 +122,23 @@ class GenerationWorker:
 
         signal.signal(signal.SIGTERM, on_sigterm)
 
-    def _drain_and_exit(self) -> None:
+    def drain(self, reason: str) -> None:
+        """Checkpoints every shard this worker holds, fails their calls, then exits.
+
+        What the driver calls for a worker on a node Ray is draining; returns at once.
+        """
+        if not self._draining and self._start_error is None:
+            self._start_drain(reason)
+
+    def _start_drain(self, reason: str) -> None:
+        self._draining = True
+        threading.Thread(target=self._drain_and_exit, args=(reason,), name="drain",
+                         daemon=True).start()
+
+    def _drain_and_exit(self, reason: str) -> None:
         start = time.monotonic()
-        log.warning("worker %s: SIGTERM, writing checkpoints and stopping", self.name)
-        self._loop.drain("SIGTERM (preemption or shutdown)", faults.DRAIN_GRACE_S)
+        log.warning("worker %s: %s; writing checkpoints and stopping", self.name, reason)
+        self._loop.drain(reason, faults.DRAIN_GRACE_S)
         # Let the failed calls' replies leave before the process goes.
         while self._active and time.monotonic() - start < faults.DRAIN_GRACE_S:
             time.sleep(0.05)

@@ -278,3 +278,18 @@ def disconnect(connection: Connection) -> None:
 def nodes() -> list[hardware.Node]:
     """The cluster's live nodes."""
     return hardware.live_nodes(ray.nodes())
+
+
+def draining_nodes() -> set[str]:
+    """Ids (hex) of the nodes Ray is draining: a preemption notice, ``ray drain-node``,
+    or a ``ray start --block`` that received SIGTERM (a Kubernetes pod deletion).
+
+    Empty when Ray cannot say. The query is Ray's internal state API, the one
+    Ray Train and Ray Data use for the same purpose.
+    """
+    try:
+        from ray._private import state
+
+        return set(state.state.get_draining_nodes())
+    except Exception:  # noqa: BLE001 - a private API: no answer means no drain seen
+        return set()

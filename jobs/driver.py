@@ -270,6 +270,8 @@ def _generate(
             budget,
             max_in_flight=config.shards_in_flight(),
             heartbeat=lambda w: w.handle.heartbeat.remote(),
+            draining_nodes=connect.draining_nodes,
+            drain=lambda w, reason: w.handle.drain.remote(reason),
             stall_timeout_s=config.cluster.stall_timeout_s,
             cluster_lost=lambda: cluster.lost,
             on_tick=on_tick,

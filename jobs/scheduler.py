@@ -19,7 +19,7 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import ray
 
@@ -100,6 +100,9 @@ class Scheduler:
       heartbeat: Asks a worker for its progress counter (None: no stall watch).
       stall_timeout_s: How long a busy worker's counter may stay still.
       cluster_lost: Why the cluster counts as lost, or None (``connect.ClusterWatch.lost``).
+      draining_nodes: Ids of the nodes Ray is draining (a preemption notice,
+        ``ray drain-node``, a SIGTERM'd ``ray start --block``); None: not watched.
+      drain: Tells a worker to checkpoint its shards and stop (``GenerationWorker.drain``).
     """
 
     def __init__(
@@ -114,6 +117,8 @@ class Scheduler:
         heartbeat: Heartbeat | None = None,
         stall_timeout_s: float = faults.DEFAULT_STALL_TIMEOUT_S,
         cluster_lost: Callable[[], str | None] = lambda: None,
+        draining_nodes: Callable[[], Collection[str]] | None = None,
+        drain: Callable[[pool.Worker, str], ray.ObjectRef] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.workers = workers
@@ -133,6 +138,10 @@ class Scheduler:
         self._watch: dict[str, _Watch] = {}
         self._cluster_lost = cluster_lost
         self._lost: str | None = None
+        self._draining_nodes = draining_nodes
+        self._drain = drain
+        self._drains_checked = float("-inf")
+        self._told_to_drain: dict[str, ray.ObjectRef] = {}  # worker name -> its drain call
         self.finished = False  # run has returned: its report is final
 
     def run(self, todo: Sequence[shards.ShardSpec]) -> Report:
@@ -165,6 +174,7 @@ class Scheduler:
                 self._give_up_all(self._lost)
                 break
             self.workers.expire_starting()
+            self._watch_drains()
             self._watch_stalls()
             self._on_tick()
         self.finished = True
@@ -187,7 +197,8 @@ class Scheduler:
         load = self._load()
         # Least-loaded first, one shard per worker per pass, so work spreads evenly.
         while self._queue:
-            free = [w for w in self.workers.in_service if load[w.name] < self.max_in_flight]
+            free = [w for w in self.workers.in_service
+                    if load[w.name] < self.max_in_flight and w.name not in self._told_to_drain]
             if not free:
                 return
             for worker in sorted(free, key=lambda w: load[w.name]):
@@ -232,6 +243,33 @@ class Scheduler:
             self._failed[shard_id] = (
                 f"gave up after {self._attempts[shard_id]} attempts: {outcome.message}"
             )
+
+    def _watch_drains(self) -> None:
+        """Drains the workers on nodes Ray is draining, so their shards go on elsewhere.
+
+        A busy worker is told to checkpoint its shards and stop (its calls then
+        fail as preemptions and the shards resume from those checkpoints); an
+        idle one is released at once. Either way the pool replaces it, and Ray
+        places no new worker on a draining node.
+        """
+        now = self._clock()
+        if self._draining_nodes is None or now - self._drains_checked < faults.HEARTBEAT_INTERVAL_S:
+            return
+        self._drains_checked = now
+        draining = set(self._draining_nodes())
+        if not draining:
+            return
+        busy = {a.worker.name for a in self._in_flight.values()}
+        for worker in self.workers.in_service:
+            node = (worker.info or {}).get("node_id")
+            if node not in draining or worker.name in self._told_to_drain:
+                continue
+            reason = f"node {node[:12]} is draining (preemption or scale-down)"
+            log.warning("worker %s: %s", worker.name, reason)
+            if worker.name in busy and self._drain is not None:
+                self._told_to_drain[worker.name] = self._drain(worker, reason)
+            else:
+                self.workers.lose(worker, reason)
 
     def _watch_stalls(self) -> None:
         """Probes busy workers' heartbeats; kills one that has not advanced in time."""

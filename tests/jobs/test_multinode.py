@@ -96,3 +96,67 @@ def test_lost_tpu_host_loses_no_rows(tmp_path, write_parquet, prompts, tpu_clust
     (lost,) = [w for w in workers if w["lost"]]
     assert lost["ready"] and "died" in lost["lost"].lower()
     assert summary["retries"]["preempted"] >= 1  # its in-flight shards ran on the other host
+
+
+def test_draining_nodes_hand_their_shards_on_mid_sequence(
+    tmp_path, write_parquet, prompts, tpu_cluster
+):
+    """``ray drain-node`` (what a preemption notice or a SIGTERM'd ``ray start --block`` does):
+    a worker on a draining node checkpoints its shards and stops; they finish on another node,
+    mid-sequence. Drains every TPU host the job started on, so it runs last in this module."""
+    import time
+
+    import fsspec
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    from griffin_batch.actors import shards
+
+    cluster, _ = tpu_cluster
+    doomed = [n.node_id for n in cluster.worker_nodes]
+    ids = [f"d{i}" for i in range(4)]
+    inputs = write_parquet(
+        str(tmp_path / "in.parquet"),
+        {"id": ids, "prompt": prompts[:4], "max_tokens": [3000] * 4},  # greedy, long
+    )
+    out = str(tmp_path / "out")
+    log_path = tmp_path / "job.log"
+    command = [
+        sys.executable, "-m", "griffin_batch.jobs.generate", "--input", inputs, "--output", out,
+        "--address", cluster.address, "--shard-rows", "1", "--max-in-flight", "2",
+        "--slots", "4", "--decode-steps", "8", "--max-tokens", "3000",
+        "--checkpoint-every", "0.5",
+    ]
+    fs = fsspec.filesystem("file")
+
+    def checkpointed_shards() -> int:
+        deltas = fs.glob(f"{out}/{shards.PROGRESS_DIR}/*/*.delta.safetensors")
+        return len({p.split("/")[-2] for p in deltas})
+
+    with open(log_path, "w") as log:
+        job = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: job.poll() is not None or checkpointed_shards() >= 2,
+                     START_TIMEOUT_S, "checkpoints of running shards")
+            cluster.add_node(num_cpus=1, resources={"TPU": CHIPS_PER_HOST})  # where they go on
+            client = ray._raylet.GcsClient(address=cluster.address)
+            for node_id in doomed:
+                accepted, why = client.drain_node(
+                    node_id,
+                    autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                    "test: preemption notice",
+                    int((time.time() + 120) * 1000),
+                )
+                assert accepted, why
+            assert job.wait(timeout=600) == 0, log_path.read_text()[-3000:]
+        finally:
+            if job.poll() is None:
+                job.kill()
+    assert_exactly_once(read_output(out), ids)
+    summary = json.loads(pathlib.Path(f"{out}/summary.json").read_text())
+    drained = [w for w in summary["workers"] if w["lost"] and "draining" in w["lost"]]
+    assert drained and all(w["node_id"] in doomed for w in drained), summary["workers"]
+    assert summary["retries"]["preempted"] >= 1 and summary["retries"]["failed"] == 0
+    records = [json.loads(p.read_text())
+               for p in pathlib.Path(out, manifest.COMMITS_DIR).glob("*.json")]
+    assert any(r["attempt"] >= 1 and r["restored_tokens"] > 0 for r in records), records
