@@ -544,3 +544,53 @@ def emit(result: dict[str, Any]) -> None:
 def log(message: str) -> None:
     """Progress on stderr, so stdout stays one JSON line."""
     print(message, file=sys.stderr, flush=True)
+
+
+# Jobs on a local Ray cluster ---------------------------------------------------
+
+
+def share_compilation_cache(directory: str) -> None:
+    """Points JAX's persistent compilation cache (this process and Ray's workers) at ``directory``.
+
+    Call before ``ray.init``: workers inherit the environment, so a worker
+    started later loads what an earlier one compiled, and timed jobs compare
+    generation rather than compilation.
+    """
+    for name, value in (
+        ("JAX_COMPILATION_CACHE_DIR", directory),
+        ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0"),
+        ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1"),
+    ):
+        os.environ[name] = value
+
+
+def job_seconds(summary: dict[str, Any]) -> float:
+    """A job's generation time: first ready worker to last commit (``summary.json``)."""
+    return summary["generation_s"] - (summary["startup_s"] or 0.0)
+
+
+def job_output(url: str) -> list[dict[str, Any]]:
+    """Every committed output row of a job, in shard order."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    rows = []
+    for part in sorted(fs.glob(f"{path.rstrip('/')}/part-*.parquet")):
+        with fs.open(part, "rb") as f:
+            rows += pq.read_table(f).to_pylist()
+    return rows
+
+
+def job_commits(url: str) -> dict[str, dict[str, Any]]:
+    """A job's commit records (``_manifest/commits/<shard>.json``) by shard id."""
+    import fsspec
+
+    from griffin_batch.jobs import manifest
+
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    paths = fs.glob(f"{path.rstrip('/')}/{manifest.COMMITS_DIR}/*.json")
+    return {p.rsplit("/", 1)[-1].removesuffix(".json"): json.loads(data)
+            for p, data in fs.cat(paths).items()} if paths else {}

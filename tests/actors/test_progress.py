@@ -95,17 +95,8 @@ def _attempt(model, store, attempt: int, *, stop_after_rounds: int | None):
     return restored, work, None
 
 
-@pytest.fixture(params=["local", "s3"])
-def progress_url(request, tmp_path) -> str:
-    """Where a shard's progress goes: a local directory or an S3 bucket (moto on loopback)."""
-    if request.param == "local":
-        return str(tmp_path / "p")
-    bucket = request.getfixturevalue("s3_server").bucket("progress")
-    return f"{bucket}/{tmp_path.name}/p"
-
-
-def test_interrupted_attempts_continue_mid_sequence_exactly(model, uninterrupted, progress_url):
-    store = _store(model, progress_url)
+def test_interrupted_attempts_continue_mid_sequence_exactly(model, uninterrupted, tmp_path):
+    store = _store(model, tmp_path / "p")
     _attempt(model, store, 0, stop_after_rounds=34)
     restored, work, _ = _attempt(model, store, 1, stop_after_rounds=10)
     # The second attempt continued the first: samples mid-sequence, others finished.
@@ -179,3 +170,20 @@ def test_a_rows_output_does_not_depend_on_its_batch_mates(model, uninterrupted):
     for row in (2, 5):
         (done,) = loop.submit(batching.Batch([_requests(0)[row]])).wait(timeout=600)
         assert (done.tokens, done.text) == uninterrupted[(row, 0)][:2], row
+
+
+def test_checkpoints_on_s3(model, s3_server):
+    """The same files through s3fs against an S3 protocol server (moto) on loopback."""
+    url = f"{s3_server.bucket('progress')}/shard"
+    store = _store(model, url)
+    _attempt(model, store, 0, stop_after_rounds=34)
+    restored = store.load()
+    assert restored.chain and restored.finished and restored.decoding
+    local = _store(model, "memory://progress-copy")
+    for name in [*restored.chain, restored.chain[-1].replace(".delta.", ".state.")]:
+        local.fs.pipe_file(f"{local.path}/{name}", store.fs.cat_file(f"{store.path}/{name}"))
+    again = local.load()
+    assert again.chain == restored.chain
+    assert [c.tokens for c in again.finished] == [c.tokens for c in restored.finished]
+    store.remove()
+    assert store.load().chain == []
