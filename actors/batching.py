@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 from griffin_batch.actors.progress import ShardCheckpointer, SoFar
+from griffin_batch.actors.spill import SPILL_EVERY, CompletionSpill
 from griffin_batch.cluster import faults
 from griffin_batch.model import requests
 from griffin_batch.model.engine import SlotSnapshot
@@ -54,29 +55,38 @@ class Batch:
       checkpointer: Where this batch's progress goes (None: no checkpoints).
       checkpoint_every_s: Interval between its checkpoints.
       restored_tokens: Generated tokens ``resumed`` and ``finished`` carry.
+      spill: Where finished samples go, a few at a time, instead of staying in
+        ``completions`` (None: they stay).
     """
 
     def __init__(self, request_list: Sequence[requests.Request],
                  resumed: Sequence[tuple[SlotSnapshot, SoFar]] = (),
                  finished: Sequence[requests.Completion] = (),
                  checkpointer: ShardCheckpointer | None = None,
-                 checkpoint_every_s: float | None = None, restored_tokens: int = 0):
+                 checkpoint_every_s: float | None = None, restored_tokens: int = 0,
+                 spill: CompletionSpill | None = None):
         self.restored_tokens = restored_tokens
+        self.spill = spill
+        self._recent: list[requests.Completion] = []  # finished, not yet spilled
+        self._unstored: list[requests.Completion] = []  # finished, not yet checkpointed
         self.requests = list(request_list)
         self.resumed = list(resumed)
         self.request_ids = sorted({r.request_id for r in self.requests}
                                   | {s.request.request_id for s, _ in self.resumed})
-        self.completions: list[requests.Completion] = list(finished)
+        self.completions: list[requests.Completion] = [] if spill else list(finished)
+        if spill is not None:
+            spill.add(finished)
+        self._count = len(finished)
         self._expected = (sum(r.params.n for r in self.requests) + len(self.resumed)
-                          + len(self.completions))
-        self._seen: set[Key] = {(c.request_id, c.sample_index) for c in self.completions}
+                          + self._count)
+        self._seen: set[Key] = {(c.request_id, c.sample_index) for c in finished}
         self.checkpointer = checkpointer
         self.checkpoint_every_s = checkpoint_every_s
         self.next_checkpoint = (time.monotonic() + checkpoint_every_s
                                 if checkpoint_every_s else float("inf"))
         self._error: BaseException | None = None
         self._done = threading.Event()
-        if len(self.completions) >= self._expected:
+        if self._count >= self._expected:
             self._done.set()
 
     def _add(self, completion: requests.Completion) -> None:
@@ -85,9 +95,27 @@ class Batch:
             self._fail(EngineAccountingError(f"engine returned {key} twice"))
             return
         self._seen.add(key)
-        self.completions.append(completion)
-        if len(self.completions) == self._expected:
+        self._count += 1
+        if self.checkpointer is not None:
+            self._unstored.append(completion)
+        if self.spill is None:
+            self.completions.append(completion)
+        else:
+            self._recent.append(completion)
+            if len(self._recent) >= SPILL_EVERY or self._count == self._expected:
+                self.spill.add(self._recent)
+                self._recent = []
+        if self._count == self._expected:
             self._done.set()
+
+    def take_unstored(self) -> list[requests.Completion]:
+        """Finished samples not yet handed to a checkpoint (handing them over forgets them).
+
+        A checkpoint that then fails to write loses them from the progress
+        record only: after a crash they are computed again, identically.
+        """
+        out, self._unstored = self._unstored, []
+        return out
 
     def _fail(self, error: BaseException) -> None:
         if not self._done.is_set():
@@ -101,7 +129,7 @@ class Batch:
     def wait(self, timeout: float | None = None) -> list[requests.Completion]:
         """Blocks until every sample came back; raises what stopped them otherwise."""
         if not self._done.wait(timeout):
-            raise TimeoutError(f"{self._expected - len(self.completions)} samples still running")
+            raise TimeoutError(f"{self._expected - self._count} samples still running")
         if self._error is not None:
             raise self._error
         return self.completions
@@ -289,7 +317,7 @@ class EngineLoop:
         for b in due:
             if b.checkpoint_every_s:
                 b.next_checkpoint = now + b.checkpoint_every_s
-            ckpt = b.checkpointer.prepare(list(b.completions), decoding[id(b)])
+            ckpt = b.checkpointer.prepare(b.take_unstored(), decoding[id(b)])
             if ckpt is not None:
                 jobs.append((b.checkpointer, ckpt))
         if jobs:

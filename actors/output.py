@@ -108,6 +108,20 @@ def write_attempt(fs: fsspec.AbstractFileSystem, directory: str, name: str, data
     return path
 
 
+def write_attempt_file(fs: fsspec.AbstractFileSystem, directory: str, name: str,
+                       local_path: str) -> str:
+    """Uploads a local file as one attempt's file, ``directory/_attempts/name``; returns its path.
+
+    Streamed from disk (``fs.put_file``): the file never needs to fit in memory.
+    """
+    attempts = f"{directory.rstrip('/')}/{ATTEMPTS_DIR}"
+    if has_atomic_rename(fs):
+        fs.makedirs(attempts, exist_ok=True)
+    path = f"{attempts}/{name}"
+    fs.put_file(local_path, path)
+    return path
+
+
 def promote(fs: fsspec.AbstractFileSystem, source: str, final: str) -> None:
     """Moves attempt file ``source`` to its final name ``final`` (same file system).
 

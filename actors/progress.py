@@ -46,7 +46,7 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
-from griffin_batch.model import requests, snapshots
+from griffin_batch.model import requests
 from griffin_batch.model.engine import SlotSnapshot
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,8 @@ class ProgressStore:
               samples: Sequence[Mapping[str, Any]], delta_arrays: Mapping[str, np.ndarray],
               decoding: Sequence[SlotSnapshot]) -> str:
         """Writes checkpoint ``seq`` (state first, then the delta); returns the delta's name."""
+        from griffin_batch.model import snapshots  # JAX: only where a worker runs
+
         base = f"{seq:08d}-{tag}"
         state = None
         if decoding:
@@ -286,6 +288,8 @@ class ProgressStore:
         if len(data) != state.get("bytes") or hashlib.sha256(data).hexdigest() != state.get(
                 "sha256"):
             raise ProgressError("its state file does not match its checksum")
+        from griffin_batch.model import snapshots  # JAX: only where a worker runs
+
         arrays, meta = decode_file(data)
         out = []
         for i, m in enumerate(meta.get("samples", [])):

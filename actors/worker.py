@@ -4,12 +4,16 @@ A plain callable class in the style of Ray Data's LLM stages: ``__init__``
 loads the checkpoint, tokenizer and engine once; ``__call__`` turns a table of
 rows into a table of output rows, carrying each row's index through the
 engine and refusing to answer unless every row came back exactly once;
-``process_shard`` wraps it with reading and writing. Per-row problems are
-data (error rows); a dead engine is fatal (``WorkerLost``), and the driver
-replaces the worker.
+``process_shard`` does the same with reading and writing, keeping finished
+samples on local disk rather than in memory (``griffin_batch.actors.spill``)
+and, with ``--checkpoint-every``, continuing from the shard's newest progress
+checkpoint (``griffin_batch.actors.progress``). Per-row problems are data
+(error rows); a dead engine is fatal (``WorkerLost``), and the driver replaces
+the worker. SIGTERM, or the driver's ``drain()`` for a node Ray is draining,
+checkpoints every shard held and ends the worker's calls as lost.
 
 Who writes the output: the worker writes its attempt's file, the driver
-promotes it. The worker encodes the shard's file and writes it under a name
+promotes it. The worker writes the shard's file under a name
 unique to the attempt, ``<output>/_attempts/part-<shard>.a<attempt>-<random>.parquet``
 (see ``griffin_batch.actors.output``), then reports its URL, size and SHA-256
 with the statistics. The data never passes through the driver, so the
@@ -28,17 +32,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pathlib
 import signal
 import socket
+import tempfile
 import threading
 import time
 from typing import Any
 
 import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from griffin_batch.actors import batching, output, rows, shards
+from griffin_batch.actors import spill as spill_lib
 from griffin_batch.cluster import faults
 from griffin_batch.model.engine_config import EngineConfig
 
@@ -223,25 +229,27 @@ class GenerationWorker:
           WorkerLost: The engine has stopped.
           RowAccountingError: A row did not come back exactly once.
         """
-        return self._generate(table, spec, options, attempt)[0]
+        prepared, batch = self._generate(table, spec, options, attempt)
+        return rows.assemble(prepared, [*prepared.rejected, *batch.completions], table, options)
 
     def _generate(self, table: pa.Table, spec: shards.ShardSpec, options: shards.ShardOptions,
-                  attempt: int) -> tuple[pa.Table, batching.Batch]:
+                  attempt: int, spill: spill_lib.CompletionSpill | None = None
+                  ) -> tuple[rows.Prepared, batching.Batch]:
         chat = self.tokenizer.chat_prompt if options.chat else None
         prepared = rows.prepare(table, spec, options, attempt, chat)
-        batch = self._loop.submit(self._batch(prepared, spec, options))
+        batch = self._loop.submit(self._batch(prepared, spec, options, spill))
         try:
-            completions = batch.wait()
+            batch.wait()
         finally:
             self._loop.release(batch)
-        out = rows.assemble(prepared, [*prepared.rejected, *completions], table, options)
-        return out, batch
+        return prepared, batch
 
     def _batch(self, prepared: rows.Prepared, spec: shards.ShardSpec,
-               options: shards.ShardOptions) -> batching.Batch:
+               options: shards.ShardOptions, spill: spill_lib.CompletionSpill | None
+               ) -> batching.Batch:
         """The shard's work: all of it, or what its newest progress checkpoint left to do."""
         if not options.checkpoint_every_s or options.commit_on_driver:
-            return batching.Batch(prepared.requests)
+            return batching.Batch(prepared.requests, spill=spill)
         from griffin_batch.actors import progress
 
         store = progress.ProgressStore(shards.progress_url(options.output_dir, spec.shard_id),
@@ -255,7 +263,8 @@ class GenerationWorker:
                      "%d tokens)", spec.shard_id, restored.chain[-1], len(work.finished),
                      sum(not s.pending for s, _ in work.resumed), work.restored_tokens)
         return batching.Batch(work.requests, work.resumed, work.finished, checkpointer,
-                              options.checkpoint_every_s, restored_tokens=work.restored_tokens)
+                              options.checkpoint_every_s, restored_tokens=work.restored_tokens,
+                              spill=spill)
 
     def process_shard(
         self,
@@ -292,27 +301,38 @@ class GenerationWorker:
         start = time.perf_counter()
         if table is None:
             table = rows.read_rows(spec, options)
-        result, batch = self._generate(table, spec, options, attempt)
-        data = output.encode(result)
         name = output.attempt_name(spec.shard_id, attempt)
         fs, directory = fsspec.core.url_to_fs(options.output_dir)
         directory = directory.rstrip("/")
-        if options.commit_on_driver:  # the driver writes the attempt file
-            path, payload = f"{directory}/{output.ATTEMPTS_DIR}/{name}", data
-        else:
-            path, payload = output.write_attempt(fs, directory, name, data), None
+        # Finished samples wait on local disk, not in memory, and the file is
+        # written from there group by group (see actors.spill).
+        spill = spill_lib.CompletionSpill()
+        try:
+            prepared, batch = self._generate(table, spec, options, attempt, spill)
+            spill.add(prepared.rejected)
+            with tempfile.TemporaryDirectory(prefix="griffin-part-") as tmp:
+                local = os.path.join(tmp, name)
+                stats = spill_lib.write_output(prepared, spill.close(), table, options, local)
+                size, sha256 = os.path.getsize(local), output.file_digest(_LOCAL, local)
+                if options.commit_on_driver:  # the driver writes the attempt file
+                    path = f"{directory}/{output.ATTEMPTS_DIR}/{name}"
+                    payload = pathlib.Path(local).read_bytes()
+                else:
+                    path, payload = output.write_attempt_file(fs, directory, name, local), None
+        finally:
+            spill.remove()
         return shards.ShardResult(
             shard_id=spec.shard_id,
             attempt=attempt,
             output_path=output.url_of(fs, f"{directory}/{output.part_name(spec.shard_id)}"),
             attempt_path=output.url_of(fs, path),
-            size=len(data),
-            sha256=output.digest(data),
+            size=size,
+            sha256=sha256,
             rows=table.num_rows,
-            samples=result.num_rows,
-            error_rows=_count(result, "finish_reason", "error"),
-            prompt_tokens=_sum(result, "num_prompt_tokens"),
-            completion_tokens=_sum(result, "num_completion_tokens"),
+            samples=stats.samples,
+            error_rows=stats.error_rows,
+            prompt_tokens=stats.prompt_tokens,
+            completion_tokens=stats.completion_tokens,
             seconds=time.perf_counter() - start,
             worker=self.name,
             restored_tokens=batch.restored_tokens,
@@ -320,12 +340,7 @@ class GenerationWorker:
         )
 
 
-def _count(table: pa.Table, column: str, value: str) -> int:
-    return int(pc.sum(pc.equal(table.column(column), value)).as_py() or 0)
-
-
-def _sum(table: pa.Table, column: str) -> int:
-    return int(pc.sum(table.column(column)).as_py() or 0)
+_LOCAL = fsspec.filesystem("file")
 
 
 def _actor_name() -> str:

@@ -20,6 +20,9 @@ scheduling, not compilation (``--cold`` turns this off). With continuous batchin
 short rows fit in the slots beside the long row and the mixed jobs take about
 as long as the long row alone (target: ratio <= 1.2).
 
+This machine's timings vary by +-20% from run to run, so each job runs
+``--repeats`` times (rotated order) and the medians are compared.
+
 Usage (from the repository root): python benchmarks/bench_mixed_job.py [--small]
 """
 
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--short-tokens", type=int)
     p.add_argument("--slots", type=int, default=32)
     p.add_argument("--cold", action="store_true", help="no shared compilation cache, no warm-up")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds of the three jobs, in rotated order; medians are reported")
     a = p.parse_args(argv)
     long_tokens = a.long_tokens or (1000 if a.small else 6000)
     short_rows = a.short_rows or (16 if a.small else 64)
@@ -103,9 +108,17 @@ def main(argv: list[str] | None = None) -> dict:
                 write_input(warm, 200, short_rows, 20, with_short=True)
                 time_job(warm, f"{tmp}/o0", 8, a.slots)
                 time_job(warm, f"{tmp}/o0", 1, a.slots)
-            figures["long_alone"] = time_job(alone, f"{tmp}/o1", 8, a.slots)
-            figures["mixed_8_row_shards"] = time_job(mixed, f"{tmp}/o2", 8, a.slots)
-            figures["mixed_1_row_shards"] = time_job(mixed, f"{tmp}/o3", 1, a.slots)
+            jobs = [("long_alone", alone, 8), ("mixed_8_row_shards", mixed, 8),
+                    ("mixed_1_row_shards", mixed, 1)]
+            runs: dict[str, list[dict]] = {name: [] for name, *_ in jobs}
+            for r in range(a.repeats):  # rotated so no job always runs first or last
+                for name, path, shard_rows in jobs[r % 3:] + jobs[: r % 3]:
+                    runs[name].append(time_job(path, f"{tmp}/{name}", shard_rows, a.slots))
+            for name, results in runs.items():
+                times = sorted(x["generation_s"] for x in results)
+                figures[name] = {"generation_s": times[len(times) // 2], "all_s": times,
+                                 "tokens": results[0]["tokens"],
+                                 "wall_s": [x["wall_s"] for x in results]}
         finally:
             ray.shutdown()
     base = figures["long_alone"]["generation_s"]
@@ -119,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         **{f"{k}_s": v["generation_s"] for k, v in figures.items()},
         "ratio_8_row_shards": round(figures["mixed_8_row_shards"]["generation_s"] / base, 3),
         "ratio_1_row_shards": round(figures["mixed_1_row_shards"]["generation_s"] / base, 3),
+        "repeats": a.repeats,
+        "all_s": {k: v["all_s"] for k, v in figures.items()},
         "tokens": {k: v["tokens"] for k, v in figures.items()},
         "wall_s": {k: v["wall_s"] for k, v in figures.items()},
     }

@@ -1,0 +1,175 @@
+"""A shard's finished samples on the worker's local disk, and its output file written from them.
+
+A shard of long outputs would otherwise sit in the worker's memory until its
+last row ends: 1,024 rows of 100k tokens is gigabytes of Python objects. Each
+finished sample is appended instead to an Arrow IPC file in a local temporary
+directory (``CompletionSpill``), a few at a time, and leaves memory. When the
+shard ends, ``write_output`` memory-maps that file and writes the shard's
+Parquet file in input order, one row group of ``OUTPUT_ROWS_PER_GROUP``
+output rows at a time. The worker's heap then grows with its slots and the
+rows of the group it is writing, not with its shard.
+
+The rows written are exactly those of ``rows.assemble`` (tested side by side),
+with the same exactly-once check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from griffin_batch.actors import output, rows, shards
+from griffin_batch.model import requests
+
+SPILL_EVERY = 32
+"""Finished samples kept in memory before they are appended to the spill file."""
+
+OUTPUT_ROWS_PER_GROUP = 256
+"""Output rows per Parquet row group (what the worker holds while writing)."""
+
+SCHEMA = pa.schema([
+    pa.field("row", pa.int64(), nullable=False),
+    pa.field("sample_index", pa.int32(), nullable=False),
+    pa.field("tokens", pa.list_(pa.int32()), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("finish_reason", pa.string(), nullable=False),
+    pa.field("num_prompt_tokens", pa.int32(), nullable=False),
+    pa.field("error", pa.string()),
+])
+
+
+class CompletionSpill:
+    """Finished samples of one shard attempt, appended to a local Arrow IPC file.
+
+    Args:
+      directory: Where the file goes (None: the system's temporary directory).
+    """
+
+    def __init__(self, directory: str | None = None):
+        fd, self.path = tempfile.mkstemp(prefix="griffin-spill-", suffix=".arrow", dir=directory)
+        os.close(fd)
+        self._sink = pa.OSFile(self.path, "wb")
+        self._writer = pa.ipc.new_file(self._sink, SCHEMA)
+        self.count = 0
+
+    def add(self, completions: Iterable[requests.Completion]) -> None:
+        """Appends finished samples (their request ids carry the row, see ``rows.row_of``)."""
+        done = list(completions)
+        if not done:
+            return
+        self._writer.write_batch(pa.record_batch([
+            pa.array([rows.row_of(c.request_id) for c in done], pa.int64()),
+            pa.array([c.sample_index for c in done], pa.int32()),
+            pa.array([c.tokens for c in done], pa.list_(pa.int32())),
+            pa.array([c.text for c in done], pa.string()),
+            pa.array([c.finish_reason for c in done], pa.string()),
+            pa.array([int(c.num_prompt_tokens) for c in done], pa.int32()),
+            pa.array([c.error for c in done], pa.string()),
+        ], schema=SCHEMA))
+        self.count += len(done)
+
+    def close(self) -> pa.Table:
+        """Ends appending; returns the samples as a memory-mapped table (no heap copy)."""
+        self._writer.close()
+        self._sink.close()
+        return pa.ipc.open_file(pa.memory_map(self.path)).read_all()
+
+    def remove(self) -> None:
+        """Deletes the file."""
+        if not self._sink.closed:
+            self._writer.close()
+            self._sink.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputStats:
+    """What a written shard file holds."""
+
+    samples: int
+    error_rows: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def write_output(prepared: rows.Prepared, samples: pa.Table, table: pa.Table,
+                 options: shards.ShardOptions, path: str) -> OutputStats:
+    """Writes the shard's Parquet file to local ``path`` in input order, group by group.
+
+    Args:
+      prepared: The shard's requests (ids, samples per row).
+      samples: ``CompletionSpill.close()``: every finished sample, rejected rows included.
+      table: The shard's input rows (for ``keep_columns``).
+      options: Job options.
+      path: Local file to write.
+
+    Raises:
+      RowAccountingError: A (row, sample) is missing, duplicated or unexpected.
+    """
+    position = _index(prepared, samples)
+    order = [(r, i) for r, n in enumerate(prepared.samples) for i in range(n)]
+    kept = [table.schema.field(c) for c in options.keep_columns if c in table.column_names]
+    schema = output.output_schema(options.with_sample_index, kept)
+    totals = [0, 0, 0, 0]
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for start in range(0, len(order), OUTPUT_ROWS_PER_GROUP):
+            keys = order[start : start + OUTPUT_ROWS_PER_GROUP]
+            part = samples.take(pa.array([position[k] for k in keys], pa.int64()))
+            group = _group(prepared, part, [r for r, _ in keys], table, kept, schema)
+            writer.write_table(group)
+            totals[0] += group.num_rows
+            totals[1] += int(pc.sum(pc.equal(group["finish_reason"], "error")).as_py() or 0)
+            totals[2] += int(pc.sum(group["num_prompt_tokens"]).as_py() or 0)
+            totals[3] += int(pc.sum(group["num_completion_tokens"]).as_py() or 0)
+    return OutputStats(*totals)
+
+
+def _index(prepared: rows.Prepared, samples: pa.Table) -> dict[tuple[int, int], int]:
+    """Position of each (row, sample) in ``samples``, checking each is there exactly once."""
+    position: dict[tuple[int, int], int] = {}
+    pairs = zip(samples["row"].to_pylist(), samples["sample_index"].to_pylist(), strict=True)
+    for i, (row, sample) in enumerate(pairs):
+        if not (0 <= row < len(prepared.samples) and 0 <= sample < prepared.samples[row]):
+            raise rows.RowAccountingError(f"unexpected completion for row {row} sample {sample}")
+        if (row, sample) in position:
+            raise rows.RowAccountingError(f"row {row} sample {sample} came back twice")
+        position[(row, sample)] = i
+    missing = [(r, i) for r, n in enumerate(prepared.samples) for i in range(n)
+               if (r, i) not in position]
+    if missing:
+        raise rows.RowAccountingError(
+            f"{len(missing)} (row, sample) pairs never came back, e.g. {missing[:5]}")
+    return position
+
+
+def _group(prepared: rows.Prepared, part: pa.Table, row_numbers: list[int], table: pa.Table,
+           kept: list[pa.Field], schema: pa.Schema) -> pa.Table:
+    is_error = pc.equal(part["finish_reason"], "error")
+    columns = {
+        "id": pa.array([prepared.ids[r] for r in row_numbers], pa.string()),
+        "completion": pc.if_else(is_error, "", part["text"]),
+        "completion_tokens": part["tokens"],
+        "finish_reason": part["finish_reason"],
+        "num_prompt_tokens": part["num_prompt_tokens"],
+        "num_completion_tokens": pc.list_value_length(part["tokens"]).cast(pa.int32()),
+        "error": pc.if_else(is_error, pc.coalesce(part["error"], "unknown error"),
+                            pa.scalar(None, pa.string())),
+        "sample_index": part["sample_index"],
+    }
+    indices = pa.array(row_numbers, pa.int64())
+    arrays = [columns[f.name] if f.name in columns else table.column(f.name).take(indices)
+              for f in schema]
+    return pa.Table.from_arrays([_plain(a, f.type) for a, f in zip(arrays, schema, strict=True)],
+                                schema=schema)
+
+
+def _plain(array, type_: pa.DataType) -> pa.ChunkedArray:
+    array = array if isinstance(array, pa.ChunkedArray) else pa.chunked_array([array])
+    return array.cast(type_) if array.type != type_ else array

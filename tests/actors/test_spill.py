@@ -1,0 +1,73 @@
+"""Finished samples on local disk, and the shard file written from them group by group.
+
+No engine: completions are made up, so the tests check the spill's contract
+alone (the same rows as ``rows.assemble``, the same exactly-once check, and
+finished samples kept out of memory).
+"""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from griffin_batch.actors import batching, rows, shards, spill
+from griffin_batch.model import requests
+
+SPEC = shards.ShardSpec(shard_id="00001", path="x.parquet", file_key="x.parquet",
+                        row_groups=(0,), offset=0, num_rows=600, first_row=0)
+
+
+def _shard(num_rows: int, n: int = 2):
+    """A table with good rows, bad rows and a kept column; its prepared requests; completions."""
+    prompts = [None if i % 97 == 5 else f"prompt {i}" for i in range(num_rows)]
+    table = pa.table({"prompt": prompts, "topic": [f"t{i % 7}" for i in range(num_rows)],
+                      "id": [f"row-{i}" for i in range(num_rows)]})
+    options = shards.ShardOptions(keep_columns=("topic",), with_sample_index=True,
+                                  sampling=requests.SamplingParams(max_tokens=9, n=n))
+    prepared = rows.prepare(table, SPEC, options, attempt=0)
+    done = [requests.Completion(
+        request_id=r.request_id, sample_index=i, tokens=list(range(rows.row_of(r.request_id) % 9)),
+        text=f"text {r.request_id}/{i} ✓", finish_reason="length" if i else "stop",
+        num_prompt_tokens=3) for r in prepared.requests for i in range(n)]
+    return table, options, prepared, done
+
+
+def test_the_file_written_from_the_spill_equals_the_assembled_rows(tmp_path):
+    table, options, prepared, done = _shard(600)
+    want = rows.assemble(prepared, [*prepared.rejected, *done], table, options)
+    store = spill.CompletionSpill(str(tmp_path))
+    for start in range(0, len(done), 50):  # in finish order, not row order
+        store.add(done[::-1][start : start + 50])
+    store.add(prepared.rejected)
+    stats = spill.write_output(prepared, store.close(), table, options, str(tmp_path / "p.parquet"))
+    got = pq.read_table(tmp_path / "p.parquet")
+    assert got.equals(want)
+    assert pq.ParquetFile(tmp_path / "p.parquet").num_row_groups == -(
+        -want.num_rows // spill.OUTPUT_ROWS_PER_GROUP)
+    assert stats == spill.OutputStats(
+        samples=want.num_rows, error_rows=len(prepared.rejected), prompt_tokens=3 * len(done),
+        completion_tokens=sum(len(c.tokens) for c in done))
+    store.remove()
+
+
+@pytest.mark.parametrize("change", ["missing", "twice"])
+def test_a_sample_missing_or_twice_is_refused(tmp_path, change):
+    table, options, prepared, done = _shard(20, n=1)
+    done = done[1:] if change == "missing" else [*done, done[0]]
+    store = spill.CompletionSpill(str(tmp_path))
+    store.add([*prepared.rejected, *done])
+    with pytest.raises(rows.RowAccountingError, match="never came back" if change == "missing"
+                       else "came back twice"):
+        spill.write_output(prepared, store.close(), table, options, str(tmp_path / "p.parquet"))
+
+
+def test_a_batch_keeps_only_a_few_finished_samples_in_memory(tmp_path):
+    table, options, prepared, done = _shard(300, n=1)
+    store = spill.CompletionSpill(str(tmp_path))
+    batch = batching.Batch(prepared.requests, spill=store)
+    most = 0
+    for c in done:
+        batch._add(c)  # what the engine thread does as samples finish
+        most = max(most, len(batch._recent))
+    assert batch.done and batch.completions == []
+    assert most < spill.SPILL_EVERY
+    assert store.count == len(done)
