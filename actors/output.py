@@ -100,26 +100,24 @@ def write_attempt(fs: fsspec.AbstractFileSystem, directory: str, name: str, data
     No staging is needed: the name is unique to this attempt, and the driver
     reads it only after the worker has reported the write complete.
     """
-    attempts = f"{directory.rstrip('/')}/{ATTEMPTS_DIR}"
-    if has_atomic_rename(fs):
-        fs.makedirs(attempts, exist_ok=True)
-    path = f"{attempts}/{name}"
+    path = _attempt_path(fs, directory, name)
     fs.pipe_file(path, data)
     return path
 
 
 def write_attempt_file(fs: fsspec.AbstractFileSystem, directory: str, name: str,
                        local_path: str) -> str:
-    """Uploads a local file as one attempt's file, ``directory/_attempts/name``; returns its path.
+    """``write_attempt`` from a local file, streamed from disk (``fs.put_file``)."""
+    path = _attempt_path(fs, directory, name)
+    fs.put_file(local_path, path)
+    return path
 
-    Streamed from disk (``fs.put_file``): the file never needs to fit in memory.
-    """
+
+def _attempt_path(fs: fsspec.AbstractFileSystem, directory: str, name: str) -> str:
     attempts = f"{directory.rstrip('/')}/{ATTEMPTS_DIR}"
     if has_atomic_rename(fs):
         fs.makedirs(attempts, exist_ok=True)
-    path = f"{attempts}/{name}"
-    fs.put_file(local_path, path)
-    return path
+    return f"{attempts}/{name}"
 
 
 def promote(fs: fsspec.AbstractFileSystem, source: str, final: str) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from griffin_batch.jobs import config as config_lib
+from griffin_batch.jobs import planner
 from griffin_batch.model.engine_config import EngineConfig
 
 # Small everywhere: the engine compiles per shape, and 2 CPU cores run everything.
@@ -46,3 +47,13 @@ def job_config(ray_address) -> Callable[..., config_lib.JobConfig]:
         )
 
     return make
+
+
+@pytest.fixture
+def plan(tmp_path, write_parquet) -> planner.JobPlan:
+    """A job plan of three shards of two rows (one local file)."""
+    path = write_parquet(
+        str(tmp_path / "in" / "a.parquet"), {"prompt": ["x"] * 6}, row_group_size=2
+    )
+    io = config_lib.IOConfig(inputs=(path,), output="unused", shard_rows=2)
+    return planner.plan(io, config_lib.SamplingConfig())

@@ -18,7 +18,7 @@ from job_helpers import assert_exactly_once, read_output
 
 from griffin_batch.actors import output, shards
 from griffin_batch.jobs import config as config_lib
-from griffin_batch.jobs import driver, manifest, planner
+from griffin_batch.jobs import driver, manifest
 
 FINGERPRINT = {"sampling": {"max_tokens": 8}}
 SHORT_TTL_S = 1.0  # long enough to be refused on a loaded 2-core machine, short to wait out
@@ -31,16 +31,6 @@ def output_url(request, tmp_path) -> str:
         return str(tmp_path / "out")
     server = request.getfixturevalue(f"{request.param}_server")
     return f"{server.bucket('exactly-once')}/{uuid.uuid4().hex[:8]}/out"
-
-
-@pytest.fixture
-def plan(tmp_path, write_parquet) -> planner.JobPlan:
-    """Three shards of two rows."""
-    path = write_parquet(
-        str(tmp_path / "in" / "a.parquet"), {"prompt": ["x"] * 6}, row_group_size=2
-    )
-    io = config_lib.IOConfig(inputs=(path,), output="unused", shard_rows=2)
-    return planner.plan(io, config_lib.SamplingConfig())
 
 
 def _attempt(url: str, shard_id: str, attempt: int = 0, tag: str = "") -> shards.ShardResult:

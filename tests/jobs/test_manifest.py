@@ -20,15 +20,6 @@ from griffin_batch.jobs import manifest, planner
 FINGERPRINT = {"sampling": {"max_tokens": 8}, "prompt_column": "prompt"}
 
 
-@pytest.fixture
-def plan(tmp_path, write_parquet) -> planner.JobPlan:
-    path = write_parquet(
-        str(tmp_path / "in" / "a.parquet"), {"prompt": ["x"] * 6}, row_group_size=2
-    )
-    io = config_lib.IOConfig(inputs=(path,), output="unused", shard_rows=2)
-    return planner.plan(io, config_lib.SamplingConfig())
-
-
 def _attempt(out: manifest.OutputDir, shard_id: str, rows: int = 2) -> shards.ShardResult:
     """What a worker does: writes an attempt file, reports it."""
     data = output.encode(pa.table({"id": [f"{shard_id}#{i}" for i in range(rows)]}))
