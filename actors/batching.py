@@ -45,7 +45,11 @@ class EngineAccountingError(RuntimeError):
 
 
 class Batch:
-    """The pending completions of one submitted group of work (one shard attempt).
+    """The pending completions of one group of work (one shard attempt).
+
+    Work is handed over all at once (``EngineLoop.submit``) or fed in pieces
+    while it runs (``EngineLoop.open``, ``feed``, then ``close_input``), so a
+    shard's prompts are read window by window instead of all up front.
 
     Args:
       request_list: Requests to run from their prompts (all ``params.n`` samples).
@@ -59,7 +63,7 @@ class Batch:
         ``completions`` (None: they stay).
     """
 
-    def __init__(self, request_list: Sequence[requests.Request],
+    def __init__(self, request_list: Sequence[requests.Request] = (),
                  resumed: Sequence[tuple[SlotSnapshot, SoFar]] = (),
                  finished: Sequence[requests.Completion] = (),
                  checkpointer: ShardCheckpointer | None = None,
@@ -67,18 +71,19 @@ class Batch:
                  spill: CompletionSpill | None = None):
         self.restored_tokens = restored_tokens
         self.spill = spill
+        self._lock = threading.Lock()
         self._recent: list[requests.Completion] = []  # finished, not yet spilled
         self._unstored: list[requests.Completion] = []  # finished, not yet checkpointed
-        self.requests = list(request_list)
+        self.requests = list(request_list)  # the first piece of work (see EngineLoop.submit)
         self.resumed = list(resumed)
-        self.request_ids = sorted({r.request_id for r in self.requests}
-                                  | {s.request.request_id for s, _ in self.resumed})
+        self.request_ids: list[str] = []  # every id fed so far
         self.completions: list[requests.Completion] = [] if spill else list(finished)
         if spill is not None:
             spill.add(finished)
         self._count = len(finished)
-        self._expected = (sum(r.params.n for r in self.requests) + len(self.resumed)
-                          + self._count)
+        self._expected = self._count
+        self._open = True  # more work may be fed
+        self._queued = 0  # items fed and not yet taken by the engine
         self._seen: set[Key] = {(c.request_id, c.sample_index) for c in finished}
         self.checkpointer = checkpointer
         self.checkpoint_every_s = checkpoint_every_s
@@ -86,8 +91,24 @@ class Batch:
                                 if checkpoint_every_s else float("inf"))
         self._error: BaseException | None = None
         self._done = threading.Event()
-        if self._count >= self._expected:
-            self._done.set()
+
+    def _expect(self, samples: int) -> None:
+        with self._lock:
+            self._expected += samples
+
+    def close_input(self) -> None:
+        """No more work will be fed: the batch is done once what was fed comes back."""
+        with self._lock:
+            self._open = False
+            self._settle()
+
+    def _settle(self) -> None:  # holding the lock
+        if self._open or self._count < self._expected:
+            return
+        if self._recent:
+            self.spill.add(self._recent)
+            self._recent = []
+        self._done.set()
 
     def _add(self, completion: requests.Completion) -> None:
         key = (completion.request_id, completion.sample_index)
@@ -95,18 +116,18 @@ class Batch:
             self._fail(EngineAccountingError(f"engine returned {key} twice"))
             return
         self._seen.add(key)
-        self._count += 1
-        if self.checkpointer is not None:
-            self._unstored.append(completion)
-        if self.spill is None:
-            self.completions.append(completion)
-        else:
-            self._recent.append(completion)
-            if len(self._recent) >= SPILL_EVERY or self._count == self._expected:
-                self.spill.add(self._recent)
-                self._recent = []
-        if self._count == self._expected:
-            self._done.set()
+        with self._lock:
+            self._count += 1
+            if self.checkpointer is not None:
+                self._unstored.append(completion)
+            if self.spill is None:
+                self.completions.append(completion)
+            else:
+                self._recent.append(completion)
+                if len(self._recent) >= SPILL_EVERY:
+                    self.spill.add(self._recent)
+                    self._recent = []
+            self._settle()
 
     def take_unstored(self) -> list[requests.Completion]:
         """Finished samples not yet handed to a checkpoint (handing them over forgets them).
@@ -114,7 +135,8 @@ class Batch:
         A checkpoint that then fails to write loses them from the progress
         record only: after a crash they are computed again, identically.
         """
-        out, self._unstored = self._unstored, []
+        with self._lock:
+            out, self._unstored = self._unstored, []
         return out
 
     def _fail(self, error: BaseException) -> None:
@@ -153,33 +175,61 @@ class EngineLoop:
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "checkpoint-writer")
         self._writing: concurrent.futures.Future | None = None
         self._drain: tuple[threading.Event, str] | None = None
+        # Items of one batch allowed to wait for the engine: twice what its
+        # admission looks ahead at, so feeding never starves it.
+        ec = getattr(engine, "engine_config", None)
+        self.feed_ahead = 8 * (ec.num_slots if ec is not None else 16)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
     def submit(self, batch: Batch) -> Batch:
-        """Queues a batch's work behind the work already waiting; returns it.
+        """Queues a batch's work (``batch.requests``, ``batch.resumed``) all at once; returns it.
 
         Raises:
           WorkerLost: The engine has stopped, or the worker is draining.
           ValueError: A request id is already being served.
         """
+        self.feed(batch, batch.requests, batch.resumed)
+        batch.close_input()
+        return batch
+
+    def feed(self, batch: Batch, request_list: Sequence[requests.Request],
+             resumed: Sequence[tuple[SlotSnapshot, SoFar]] = ()) -> None:
+        """Queues more of a batch's work behind the work already waiting.
+
+        Blocks while more than ``feed_ahead`` of the batch's items wait for the
+        engine, so a shard's prompts are held a window at a time.
+
+        Raises:
+          WorkerLost: The engine has stopped, or the worker is draining.
+          ValueError: A request id is already being served.
+        """
+        items = [*request_list, *(snap for snap, _ in resumed)]
+        ids = [*(r.request_id for r in request_list),
+               *(snap.request.request_id for snap, _ in resumed)]
         with self._cond:
-            if self._fatal is not None:
-                raise faults.WorkerLost(f"engine stopped: {self._fatal!r}")
-            if self._drain is not None:
-                raise faults.WorkerLost(f"worker is draining: {self._drain[1]}")
-            clash = [rid for rid in batch.request_ids if rid in self._owner]
+            while True:
+                if self._fatal is not None:
+                    raise faults.WorkerLost(f"engine stopped: {self._fatal!r}")
+                if self._drain is not None:
+                    raise faults.WorkerLost(f"worker is draining: {self._drain[1]}")
+                if batch._queued <= self.feed_ahead:
+                    break
+                self._cond.wait()
+            clash = [rid for rid in ids if self._owner.get(rid, batch) is not batch]
             if clash:
                 raise ValueError(f"request ids already in flight: {clash[:5]}")
-            for rid in batch.request_ids:
+            for rid in ids:
+                if rid not in self._owner:
+                    batch.request_ids.append(rid)
                 self._owner[rid] = batch
-            for snap, so_far in batch.resumed:
+            for snap, so_far in resumed:
                 if not snap.pending:
                     self._outputs[(snap.request.request_id, snap.sample_index)] = so_far
-            self._queue.extend(batch.requests)
-            self._queue.extend(snap for snap, _ in batch.resumed)
+            batch._expect(sum(r.params.n for r in request_list) + len(resumed))
+            batch._queued += len(items)
+            self._queue.extend(items)
             self._cond.notify_all()
-        return batch
 
     def release(self, batch: Batch) -> None:
         """Forgets a finished batch's request ids."""
@@ -236,6 +286,10 @@ class EngineLoop:
                            else item.request_id)
                     count = 1 if isinstance(item, SlotSnapshot) else item.params.n
                     self._left[rid] = self._left.get(rid, 0) + count
+                    owner = self._owner.get(rid)
+                    if owner is not None:
+                        owner._queued -= 1
+                        self._cond.notify_all()  # a feeder may be waiting for room
             if item is None:  # draining: checkpoint at this round boundary, then end
                 self._check_drain()
                 return
@@ -261,6 +315,7 @@ class EngineLoop:
             with self._cond:
                 self._fatal = error
                 self._queue.clear()
+                self._cond.notify_all()  # feeders waiting for room
             self._fail_all(faults.WorkerLost(f"engine stopped: {error!r}"))
 
     def _on_chunk(self, chunk) -> None:

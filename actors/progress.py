@@ -366,48 +366,71 @@ class ResumeWork:
     restored_tokens: int
 
 
-def resume_work(request_list: Sequence[requests.Request], restored: Restored,
-                row_of: Callable[[str], int]) -> ResumeWork:
-    """Splits a shard's requests into what is done, what continues and what starts.
+class ResumePlan:
+    """A shard's restored progress, matched to its requests as they are read, window by window.
 
     Stored samples are matched to this attempt's requests by row (their
     stored id); one whose request differs (another prompt or sampling
     parameters) is dropped with a warning and runs again.
-    """
-    by_row = {row_of(r.request_id): r for r in request_list}
 
-    def request_for(stored_id: str, sample_index: int, stored=None) -> requests.Request | None:
-        request = by_row.get(int(stored_id)) if stored_id.isdigit() else None
-        if request is None or sample_index >= request.params.n or (
-                stored is not None and (stored.prompt, stored.params) != (
-                    request.prompt, request.params)):
+    Attributes:
+      restored_tokens: Generated tokens taken from the checkpoint so far.
+    """
+
+    def __init__(self, restored: Restored):
+        self._finished: dict[int, list[requests.Completion]] = collections.defaultdict(list)
+        self._decoding: dict[int, list[tuple[SlotSnapshot, SoFar]]] = collections.defaultdict(
+            list)
+        for c in restored.finished:
+            if c.request_id.isdigit():
+                self._finished[int(c.request_id)].append(c)
+        for snap, so_far in restored.decoding:
+            if snap.request.request_id.isdigit():
+                self._decoding[int(snap.request.request_id)].append((snap, so_far))
+        self.restored_tokens = 0
+
+    def split(self, request_list: Sequence[requests.Request],
+              row_of: Callable[[str], int]) -> ResumeWork:
+        """What is done, what continues and what starts among ``request_list``."""
+        finished, resumed, fresh, tokens = [], [], [], 0
+        for request in request_list:
+            row = row_of(request.request_id)
+            taken: set[int] = set()
+            for c in self._finished.pop(row, []):
+                if self._matches(request, c.request_id, c.sample_index):
+                    finished.append(dataclasses.replace(c, request_id=request.request_id))
+                    taken.add(c.sample_index)
+                    tokens += len(c.tokens)
+            for snap, so_far in self._decoding.pop(row, []):
+                if self._matches(request, snap.request.request_id, snap.sample_index,
+                                 snap.request):
+                    resumed.append((dataclasses.replace(snap, request=request), so_far))
+                    taken.add(snap.sample_index)
+                    tokens += len(so_far.tokens)
+            if not taken:
+                fresh.append(request)
+                continue
+            resumed += [(SlotSnapshot(request=request, sample_index=i, prompt_len=0, generated=0,
+                                      last_token=0, cache=None, text_state=None, pending=True),
+                         SoFar()) for i in range(request.params.n) if i not in taken]
+        self.restored_tokens += tokens
+        return ResumeWork(fresh, resumed, finished, tokens)
+
+    @staticmethod
+    def _matches(request: requests.Request, stored_id: str, sample_index: int,
+                 stored: requests.Request | None = None) -> bool:
+        same = sample_index < request.params.n and (
+            stored is None or (stored.prompt, stored.params) == (request.prompt, request.params))
+        if not same:
             log.warning("progress: stored sample %s/%d does not match this shard's rows; "
                         "running it again", stored_id, sample_index)
-            return None
-        return request
+        return same
 
-    taken: dict[int, set[int]] = collections.defaultdict(set)
-    finished, resumed, tokens = [], [], 0
-    for c in restored.finished:
-        if (request := request_for(c.request_id, c.sample_index)) is not None:
-            finished.append(dataclasses.replace(c, request_id=request.request_id))
-            taken[int(c.request_id)].add(c.sample_index)
-            tokens += len(c.tokens)
-    for snap, so_far in restored.decoding:
-        stored_id = snap.request.request_id
-        if (request := request_for(stored_id, snap.sample_index, snap.request)) is not None:
-            resumed.append((dataclasses.replace(snap, request=request), so_far))
-            taken[int(stored_id)].add(snap.sample_index)
-            tokens += len(so_far.tokens)
-    fresh = []
-    for row, request in by_row.items():
-        if row not in taken:
-            fresh.append(request)
-            continue
-        resumed += [(SlotSnapshot(request=request, sample_index=i, prompt_len=0, generated=0,
-                                  last_token=0, cache=None, text_state=None, pending=True),
-                     SoFar()) for i in range(request.params.n) if i not in taken[row]]
-    return ResumeWork(fresh, resumed, finished, tokens)
+
+def resume_work(request_list: Sequence[requests.Request], restored: Restored,
+                row_of: Callable[[str], int]) -> ResumeWork:
+    """``ResumePlan(restored).split(request_list, row_of)``: a whole shard at once."""
+    return ResumePlan(restored).split(request_list, row_of)
 
 
 # The writer's side: what to write next -----------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import fsspec
@@ -37,12 +37,41 @@ def wanted_columns(options: shards.ShardOptions) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+WINDOW_ROWS = 256
+"""Input rows a worker reads, turns into requests and writes out at a time."""
+
+
 def read_rows(spec: shards.ShardSpec, options: shards.ShardOptions) -> pa.Table:
-    """Reads only the shard's row groups and columns.
+    """Reads only the shard's row groups and columns, all at once (see ``iter_windows``).
 
     Raises:
       InputChangedError: The file no longer holds the planned rows or columns.
     """
+    windows = list(iter_windows(spec, options))
+    return pa.concat_tables(windows) if windows else pa.table({options.prompt_column: []})
+
+
+def iter_windows(spec: shards.ShardSpec, options: shards.ShardOptions,
+                 table: pa.Table | None = None,
+                 window_rows: int | None = None) -> Iterator[pa.Table]:
+    """The shard's rows in order, at most ``window_rows`` at a time, read as they are needed.
+
+    Args:
+      spec: The shard.
+      options: Job options (which columns to read).
+      table: The shard's rows when already read (the driver's, for process-local
+        inputs): sliced instead of read.
+      window_rows: Most rows per window (default ``WINDOW_ROWS``; a window may be
+        shorter at a row group's end).
+
+    Raises:
+      InputChangedError: The file no longer holds the planned rows or columns.
+    """
+    window_rows = window_rows or WINDOW_ROWS
+    if table is not None:
+        for start in range(0, table.num_rows, window_rows):
+            yield table.slice(start, window_rows)
+        return
     fs, path = fsspec.core.url_to_fs(spec.path)
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
@@ -55,14 +84,23 @@ def read_rows(spec: shards.ShardSpec, options: shards.ShardOptions) -> pa.Table:
                 f"{list(spec.row_groups)}; the file changed since the job was planned"
             )
         columns = [c for c in wanted_columns(options) if c in names]
-        table = pf.read_row_groups(list(spec.row_groups), columns=columns)
-    table = table.slice(spec.offset, spec.num_rows)
-    if table.num_rows != spec.num_rows:
+        skip, left = spec.offset, spec.num_rows
+        batches = pf.iter_batches(batch_size=window_rows, row_groups=list(spec.row_groups),
+                                  columns=columns)
+        for batch in batches:
+            if skip >= batch.num_rows:
+                skip -= batch.num_rows
+                continue
+            batch = batch.slice(skip, left)
+            skip, left = 0, left - batch.num_rows
+            yield pa.Table.from_batches([batch])
+            if not left:
+                return
+    if left:
         raise InputChangedError(
-            f"{spec.path}: read {table.num_rows} rows where the plan has {spec.num_rows}; "
+            f"{spec.path}: read {spec.num_rows - left} rows where the plan has {spec.num_rows}; "
             "the file changed since the job was planned"
         )
-    return table
 
 
 def request_id(spec: shards.ShardSpec, attempt: int, row: int) -> str:
@@ -98,26 +136,28 @@ def prepare(
     options: shards.ShardOptions,
     attempt: int,
     chat_format: Callable[[str], Any] | None = None,
+    first: int = 0,
 ) -> Prepared:
     """Builds one request per valid row; bad rows become error completions.
 
     Args:
-      table: The shard's rows (see ``read_rows``).
+      table: The shard's rows, or a window of them (see ``iter_windows``).
       spec: The shard.
       options: Job options.
       attempt: Attempt number (part of request ids).
       chat_format: Wraps prompt text in the chat format (``--chat``).
+      first: Index within the shard of ``table``'s first row.
     """
-    ids = row_ids(table, spec, options.id_column)
+    ids = row_ids(table, spec, options.id_column, first)
     prompts = table.column(options.prompt_column).to_pylist()
     overrides = {
         c: table.column(c).to_pylist() for c in OVERRIDE_COLUMNS if c in table.column_names
     }
     out = Prepared(ids=ids, requests=[], rejected=[], samples=[])
-    for row, prompt in enumerate(prompts):
-        rid = request_id(spec, attempt, row)
+    for i, prompt in enumerate(prompts):
+        rid = request_id(spec, attempt, first + i)
         try:
-            params = row_params(options.sampling, {c: v[row] for c, v in overrides.items()})
+            params = row_params(options.sampling, {c: v[i] for c, v in overrides.items()})
         except requests.RequestError as e:
             _reject(out, rid, 1, str(e))  # n itself may be what is invalid
             continue
@@ -141,9 +181,12 @@ def _reject(out: Prepared, rid: str, n: int, message: str) -> None:
     )
 
 
-def row_ids(table: pa.Table, spec: shards.ShardSpec, id_column: str) -> list[str]:
-    """Each row's id: the id column's value, else ``<file_key>#<row index in file>``."""
-    fallback = [f"{spec.file_key}#{spec.first_row + i}" for i in range(table.num_rows)]
+def row_ids(table: pa.Table, spec: shards.ShardSpec, id_column: str, first: int = 0) -> list[str]:
+    """Each row's id: the id column's value, else ``<file_key>#<row index in file>``.
+
+    ``first``: index within the shard of ``table``'s first row.
+    """
+    fallback = [f"{spec.file_key}#{spec.first_row + first + i}" for i in range(table.num_rows)]
     if id_column not in table.column_names:
         return fallback
     values = table.column(id_column).to_pylist()

@@ -5,8 +5,8 @@ last row ends: 1,024 rows of 100k tokens is gigabytes of Python objects. Each
 finished sample is appended instead to an Arrow IPC file in a local temporary
 directory (``CompletionSpill``), a few at a time, and leaves memory. When the
 shard ends, ``write_output`` memory-maps that file and writes the shard's
-Parquet file in input order, one row group of ``OUTPUT_ROWS_PER_GROUP``
-output rows at a time. The worker's heap then grows with its slots and the
+Parquet file in input order, one row group per window of input rows
+(``rows.iter_windows``, read again for the columns kept). The worker's heap then grows with its slots and the
 rows of the group it is writing, not with its shard.
 
 The rows written are exactly those of ``rows.assemble`` (tested side by side),
@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,9 +29,6 @@ from griffin_batch.model import requests
 
 SPILL_EVERY = 32
 """Finished samples kept in memory before they are appended to the spill file."""
-
-OUTPUT_ROWS_PER_GROUP = 256
-"""Output rows per Parquet row group (what the worker holds while writing)."""
 
 SCHEMA = pa.schema([
     pa.field("row", pa.int64(), nullable=False),
@@ -99,49 +96,72 @@ class OutputStats:
     completion_tokens: int
 
 
-def write_output(prepared: rows.Prepared, samples: pa.Table, table: pa.Table,
-                 options: shards.ShardOptions, path: str) -> OutputStats:
-    """Writes the shard's Parquet file to local ``path`` in input order, group by group.
+def write_output(ids: Sequence[str], samples_per_row: Sequence[int], samples: pa.Table,
+                 windows: Iterable[pa.Table], options: shards.ShardOptions,
+                 path: str) -> OutputStats:
+    """Writes the shard's Parquet file to local ``path`` in input order, window by window.
 
     Args:
-      prepared: The shard's requests (ids, samples per row).
+      ids: Each input row's output id.
+      samples_per_row: Samples each input row has (``rows.Prepared.samples``).
       samples: ``CompletionSpill.close()``: every finished sample, rejected rows included.
-      table: The shard's input rows (for ``keep_columns``).
+      windows: The shard's input rows again, in order (``rows.iter_windows``):
+        the ``keep_columns`` come from them, one row group per window.
       options: Job options.
       path: Local file to write.
 
     Raises:
       RowAccountingError: A (row, sample) is missing, duplicated or unexpected.
     """
-    position = _index(prepared, samples)
-    order = [(r, i) for r, n in enumerate(prepared.samples) for i in range(n)]
-    kept = [table.schema.field(c) for c in options.keep_columns if c in table.column_names]
-    schema = output.output_schema(options.with_sample_index, kept)
+    position = _index(samples_per_row, samples)
     totals = [0, 0, 0, 0]
-    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-        for start in range(0, len(order), OUTPUT_ROWS_PER_GROUP):
-            keys = order[start : start + OUTPUT_ROWS_PER_GROUP]
+    writer, first = None, 0
+    try:
+        for window in windows:
+            if writer is None:
+                kept = [window.schema.field(c) for c in options.keep_columns
+                        if c in window.column_names]
+                schema = output.output_schema(options.with_sample_index, kept)
+                writer = pq.ParquetWriter(path, schema, compression="zstd")
+            keys = [(r, i) for r in range(first, first + window.num_rows)
+                    for i in range(samples_per_row[r])]
             part = samples.take(pa.array([position[k] for k in keys], pa.int64()))
-            group = _group(prepared, part, [r for r, _ in keys], table, kept, schema)
+            group = _group(ids, part, [r for r, _ in keys], first, window, schema)
             writer.write_table(group)
+            first += window.num_rows
             totals[0] += group.num_rows
             totals[1] += int(pc.sum(pc.equal(group["finish_reason"], "error")).as_py() or 0)
             totals[2] += int(pc.sum(group["num_prompt_tokens"]).as_py() or 0)
             totals[3] += int(pc.sum(group["num_completion_tokens"]).as_py() or 0)
+        if writer is None:  # no rows at all
+            pq.write_table(output.output_schema(options.with_sample_index).empty_table(), path)
+    finally:
+        if writer is not None:
+            writer.close()
+    if first != len(samples_per_row):
+        raise rows.RowAccountingError(f"the input gave {first} rows, {len(samples_per_row)} "
+                                      "were prepared")
     return OutputStats(*totals)
 
 
-def _index(prepared: rows.Prepared, samples: pa.Table) -> dict[tuple[int, int], int]:
+def row_windows(num_rows: int, window_rows: int | None = None) -> Iterator[pa.Table]:
+    """Windows of ``num_rows`` rows and no columns: ``write_output``'s input when none is kept."""
+    window_rows = window_rows or rows.WINDOW_ROWS
+    for start in range(0, num_rows, window_rows):
+        yield pa.table({"_": pa.nulls(min(window_rows, num_rows - start))}).select([])
+
+
+def _index(samples_per_row: Sequence[int], samples: pa.Table) -> dict[tuple[int, int], int]:
     """Position of each (row, sample) in ``samples``, checking each is there exactly once."""
     position: dict[tuple[int, int], int] = {}
     pairs = zip(samples["row"].to_pylist(), samples["sample_index"].to_pylist(), strict=True)
     for i, (row, sample) in enumerate(pairs):
-        if not (0 <= row < len(prepared.samples) and 0 <= sample < prepared.samples[row]):
+        if not (0 <= row < len(samples_per_row) and 0 <= sample < samples_per_row[row]):
             raise rows.RowAccountingError(f"unexpected completion for row {row} sample {sample}")
         if (row, sample) in position:
             raise rows.RowAccountingError(f"row {row} sample {sample} came back twice")
         position[(row, sample)] = i
-    missing = [(r, i) for r, n in enumerate(prepared.samples) for i in range(n)
+    missing = [(r, i) for r, n in enumerate(samples_per_row) for i in range(n)
                if (r, i) not in position]
     if missing:
         raise rows.RowAccountingError(
@@ -149,11 +169,11 @@ def _index(prepared: rows.Prepared, samples: pa.Table) -> dict[tuple[int, int], 
     return position
 
 
-def _group(prepared: rows.Prepared, part: pa.Table, row_numbers: list[int], table: pa.Table,
-           kept: list[pa.Field], schema: pa.Schema) -> pa.Table:
+def _group(ids: Sequence[str], part: pa.Table, row_numbers: list[int], first: int,
+           window: pa.Table, schema: pa.Schema) -> pa.Table:
     is_error = pc.equal(part["finish_reason"], "error")
     columns = {
-        "id": pa.array([prepared.ids[r] for r in row_numbers], pa.string()),
+        "id": pa.array([ids[r] for r in row_numbers], pa.string()),
         "completion": pc.if_else(is_error, "", part["text"]),
         "completion_tokens": part["tokens"],
         "finish_reason": part["finish_reason"],
@@ -163,8 +183,8 @@ def _group(prepared: rows.Prepared, part: pa.Table, row_numbers: list[int], tabl
                             pa.scalar(None, pa.string())),
         "sample_index": part["sample_index"],
     }
-    indices = pa.array(row_numbers, pa.int64())
-    arrays = [columns[f.name] if f.name in columns else table.column(f.name).take(indices)
+    indices = pa.array([r - first for r in row_numbers], pa.int64())
+    arrays = [columns[f.name] if f.name in columns else window.column(f.name).take(indices)
               for f in schema]
     return pa.Table.from_arrays([_plain(a, f.type) for a, f in zip(arrays, schema, strict=True)],
                                 schema=schema)

@@ -229,42 +229,65 @@ class GenerationWorker:
           WorkerLost: The engine has stopped.
           RowAccountingError: A row did not come back exactly once.
         """
-        prepared, batch = self._generate(table, spec, options, attempt)
-        return rows.assemble(prepared, [*prepared.rejected, *batch.completions], table, options)
-
-    def _generate(self, table: pa.Table, spec: shards.ShardSpec, options: shards.ShardOptions,
-                  attempt: int, spill: spill_lib.CompletionSpill | None = None
-                  ) -> tuple[rows.Prepared, batching.Batch]:
         chat = self.tokenizer.chat_prompt if options.chat else None
         prepared = rows.prepare(table, spec, options, attempt, chat)
-        batch = self._loop.submit(self._batch(prepared, spec, options, spill))
+        batch = self._loop.submit(batching.Batch(prepared.requests))
         try:
-            batch.wait()
+            completions = batch.wait()
         finally:
             self._loop.release(batch)
-        return prepared, batch
+        return rows.assemble(prepared, [*prepared.rejected, *completions], table, options)
 
-    def _batch(self, prepared: rows.Prepared, spec: shards.ShardSpec,
-               options: shards.ShardOptions, spill: spill_lib.CompletionSpill | None
-               ) -> batching.Batch:
-        """The shard's work: all of it, or what its newest progress checkpoint left to do."""
+    def _progress(self, spec: shards.ShardSpec, options: shards.ShardOptions):
+        """The shard's checkpointer and what its newest checkpoint holds (None, None: off)."""
         if not options.checkpoint_every_s or options.commit_on_driver:
-            return batching.Batch(prepared.requests, spill=spill)
+            return None, None
         from griffin_batch.actors import progress
 
         store = progress.ProgressStore(shards.progress_url(options.output_dir, spec.shard_id),
                                        self._fingerprint, self._template)
         restored = store.load()
+        if restored.chain:
+            log.info("shard %s: continuing from checkpoint %s (%d finished, %d decoding samples)",
+                     spec.shard_id, restored.chain[-1], len(restored.finished),
+                     len(restored.decoding))
         checkpointer = progress.ShardCheckpointer(
             store, restored, stored_id=lambda rid: str(rows.row_of(rid)))
-        work = progress.resume_work(prepared.requests, restored, rows.row_of)
-        if work.restored_tokens:
-            log.info("shard %s: continuing from checkpoint %s (%d finished, %d decoding samples, "
-                     "%d tokens)", spec.shard_id, restored.chain[-1], len(work.finished),
-                     sum(not s.pending for s, _ in work.resumed), work.restored_tokens)
-        return batching.Batch(work.requests, work.resumed, work.finished, checkpointer,
-                              options.checkpoint_every_s, restored_tokens=work.restored_tokens,
-                              spill=spill)
+        return checkpointer, progress.ResumePlan(restored)
+
+    def _stream_shard(self, spec: shards.ShardSpec, options: shards.ShardOptions, attempt: int,
+                      table: pa.Table | None, spill: spill_lib.CompletionSpill
+                      ) -> tuple[list[str], list[int], batching.Batch]:
+        """Feeds the shard to the engine window by window; returns ids and samples per row.
+
+        Prompts are read as the engine takes them (``EngineLoop.feed`` blocks
+        while enough wait), rejected rows and restored finished samples go
+        straight to the spill, and the engine's completions follow them there.
+        """
+        chat = self.tokenizer.chat_prompt if options.chat else None
+        checkpointer, plan = self._progress(spec, options)
+        batch = batching.Batch(checkpointer=checkpointer,
+                               checkpoint_every_s=options.checkpoint_every_s, spill=spill)
+        ids: list[str] = []
+        per_row: list[int] = []
+        try:
+            for window in rows.iter_windows(spec, options, table):
+                prepared = rows.prepare(window, spec, options, attempt, chat, first=len(ids))
+                ids += prepared.ids
+                per_row += prepared.samples
+                spill.add(prepared.rejected)
+                if plan is None:
+                    self._loop.feed(batch, prepared.requests)
+                    continue
+                work = plan.split(prepared.requests, rows.row_of)
+                spill.add(work.finished)
+                self._loop.feed(batch, work.requests, work.resumed)
+            batch.restored_tokens = plan.restored_tokens if plan is not None else 0
+            batch.close_input()
+            batch.wait()
+        finally:
+            self._loop.release(batch)
+        return ids, per_row, batch
 
     def process_shard(
         self,
@@ -299,8 +322,6 @@ class GenerationWorker:
         if self._draining:
             raise faults.WorkerLost("worker is draining (SIGTERM)")
         start = time.perf_counter()
-        if table is None:
-            table = rows.read_rows(spec, options)
         name = output.attempt_name(spec.shard_id, attempt)
         fs, directory = fsspec.core.url_to_fs(options.output_dir)
         directory = directory.rstrip("/")
@@ -308,11 +329,14 @@ class GenerationWorker:
         # written from there group by group (see actors.spill).
         spill = spill_lib.CompletionSpill()
         try:
-            prepared, batch = self._generate(table, spec, options, attempt, spill)
-            spill.add(prepared.rejected)
+            ids, per_row, batch = self._stream_shard(spec, options, attempt, table, spill)
             with tempfile.TemporaryDirectory(prefix="griffin-part-") as tmp:
                 local = os.path.join(tmp, name)
-                stats = spill_lib.write_output(prepared, spill.close(), table, options, local)
+                # The input again, window by window, for the columns kept.
+                windows = (rows.iter_windows(spec, options, table) if options.keep_columns
+                           else spill_lib.row_windows(len(ids)))
+                stats = spill_lib.write_output(ids, per_row, spill.close(), windows, options,
+                                               local)
                 size, sha256 = os.path.getsize(local), output.file_digest(_LOCAL, local)
                 if options.commit_on_driver:  # the driver writes the attempt file
                     path = f"{directory}/{output.ATTEMPTS_DIR}/{name}"
@@ -328,7 +352,7 @@ class GenerationWorker:
             attempt_path=output.url_of(fs, path),
             size=size,
             sha256=sha256,
-            rows=table.num_rows,
+            rows=len(ids),
             samples=stats.samples,
             error_rows=stats.error_rows,
             prompt_tokens=stats.prompt_tokens,

@@ -11,9 +11,10 @@ without Ray), 16 slots, greedy, every row ``--tokens`` new tokens; a shard of
 Python's heap (``tracemalloc``) above its level before the shard, for the
 worker's ``process_shard`` (finished samples spilled to local disk, the file
 written from there) and for ``__call__`` (the in-memory path: every
-completion and the assembled table in memory). With the spill the peak should
-grow by far less per row than without: what remains per row is its prompt,
-its request and its id, not its output.
+completion and the assembled table in memory). With the spill, and prompts
+read a window at a time, the peak should grow by far less per row than
+without: what remains per row is bookkeeping (its id, its request id, its
+place in the exactly-once check), not its prompt or its output.
 
 Usage (from the repository root): python benchmarks/bench_worker_memory.py [--small]
 """

@@ -38,11 +38,12 @@ def test_the_file_written_from_the_spill_equals_the_assembled_rows(tmp_path):
     for start in range(0, len(done), 50):  # in finish order, not row order
         store.add(done[::-1][start : start + 50])
     store.add(prepared.rejected)
-    stats = spill.write_output(prepared, store.close(), table, options, str(tmp_path / "p.parquet"))
+    windows = rows.iter_windows(SPEC, options, table, window_rows=64)
+    stats = spill.write_output(prepared.ids, prepared.samples, store.close(), windows, options,
+                               str(tmp_path / "p.parquet"))
     got = pq.read_table(tmp_path / "p.parquet")
     assert got.equals(want)
-    assert pq.ParquetFile(tmp_path / "p.parquet").num_row_groups == -(
-        -want.num_rows // spill.OUTPUT_ROWS_PER_GROUP)
+    assert pq.ParquetFile(tmp_path / "p.parquet").num_row_groups == -(-600 // 64)
     assert stats == spill.OutputStats(
         samples=want.num_rows, error_rows=len(prepared.rejected), prompt_tokens=3 * len(done),
         completion_tokens=sum(len(c.tokens) for c in done))
@@ -57,13 +58,17 @@ def test_a_sample_missing_or_twice_is_refused(tmp_path, change):
     store.add([*prepared.rejected, *done])
     with pytest.raises(rows.RowAccountingError, match="never came back" if change == "missing"
                        else "came back twice"):
-        spill.write_output(prepared, store.close(), table, options, str(tmp_path / "p.parquet"))
+        spill.write_output(prepared.ids, prepared.samples, store.close(),
+                           rows.iter_windows(SPEC, options, table), options,
+                           str(tmp_path / "p.parquet"))
 
 
 def test_a_batch_keeps_only_a_few_finished_samples_in_memory(tmp_path):
     table, options, prepared, done = _shard(300, n=1)
     store = spill.CompletionSpill(str(tmp_path))
-    batch = batching.Batch(prepared.requests, spill=store)
+    batch = batching.Batch(spill=store)
+    batch._expect(len(done))  # what EngineLoop.feed does
+    batch.close_input()
     most = 0
     for c in done:
         batch._add(c)  # what the engine thread does as samples finish

@@ -159,3 +159,34 @@ def test_a_dead_engine_is_fatal(tmp_path, write_parquet, prompts):
         broken.process_shard(_spec(path, 2), _options(str(tmp_path)))
     with pytest.raises(faults.WorkerLost):  # and stays dead
         broken.process_shard(_spec(path, 2), _options(str(tmp_path)))
+
+
+def test_a_shard_is_read_and_written_window_by_window(
+    tmp_path, write_parquet, prompts, gen_worker, monkeypatch
+):
+    """Rows are read, fed to the engine and written a window at a time (here 3 rows; normally
+    ``rows.WINDOW_ROWS``), and the file equals the in-memory path's: ids, kept columns, bad rows
+    and several samples per row in input order."""
+    monkeypatch.setattr(rows, "WINDOW_ROWS", 3)
+    monkeypatch.setattr(gen_worker._loop, "feed_ahead", 2)  # the feeder waits for the engine
+    column = [*prompts[:4], None, *prompts[4:7], "", prompts[7]]
+    path = write_parquet(
+        str(tmp_path / "in.parquet"),
+        {"prompt": column, "topic": [f"t{i}" for i in range(len(column))]},
+        row_group_size=4,  # windows also end at row-group ends
+    )
+    spec = shards.ShardSpec(  # all but the file's first row
+        shard_id="00009", path=path, file_key="in.parquet", row_groups=(0, 1, 2), offset=1,
+        num_rows=len(column) - 1, first_row=1)
+    options = _options(
+        str(tmp_path / "out"), keep_columns=("topic",), with_sample_index=True,
+        sampling=requests.SamplingParams(max_tokens=MAX_TOKENS, n=2, temperature=1.0, seed=3),
+    )
+    fsspec.filesystem("file").makedirs(options.output_dir)
+    result = gen_worker.process_shard(spec, options)
+    got = pq.read_table(result.attempt_path)
+    want = gen_worker(rows.read_rows(spec, options), spec, options)
+    assert got.equals(want)
+    assert got.column("topic").to_pylist()[::2] == [f"t{i}" for i in range(1, len(column))]
+    assert pq.ParquetFile(result.attempt_path).num_row_groups >= 4
+    assert (result.rows, result.samples, result.error_rows) == (9, 18, 4)  # 2 bad rows x 2
