@@ -20,7 +20,10 @@ newest state files of a chain are kept.
 and takes the newest checkpoint whose whole chain reads back, matches the
 model (``snapshots.model_fingerprint``) and whose state file matches its
 checksum; anything else is skipped with a warning, falling back to older
-checkpoints and, at worst, to the finished rows alone. Sampling depends only
+checkpoints and, at worst, to the finished rows alone. It reads the deltas
+twice, first to check them keeping only counts, then in order to rebuild the
+outputs, handing each finished sample out as it ends: memory holds the
+outputs of the samples still decoding, not the shard's. Sampling depends only
 on (seed, sample index, token index), so any good checkpoint, from any
 attempt, continues exactly as an uninterrupted run would.
 
@@ -137,22 +140,31 @@ class Restored:
     """What a shard's newest good checkpoint holds.
 
     Attributes:
-      finished: Samples that finished, as completions.
+      finished: Samples that finished, as completions (empty when ``load`` handed
+        them to its ``on_finished`` instead).
       decoding: Samples that were decoding: their snapshot and output so far.
       chain: The checkpoint chain it came from, oldest first (empty: nothing usable).
+      finished_keys: (stored id, sample index) of every finished sample.
+      finished_tokens: Generated tokens of the finished samples.
     """
 
     finished: list[requests.Completion]
     decoding: list[tuple[SlotSnapshot, SoFar]]
     chain: list[str]
+    finished_keys: set[Key] = dataclasses.field(default_factory=set)
+    finished_tokens: int = 0
 
 
 @dataclasses.dataclass
 class _Delta:
+    """A checked delta file, without its tokens and text (``load`` reads them again)."""
+
     name: str
     seq: int
-    meta: dict[str, Any]
-    arrays: dict[str, np.ndarray]
+    parent: str | None
+    state: dict[str, Any] | None
+    # Per sample record: (key, tokens before, chars before, new tokens, new chars, finished).
+    records: list[tuple[Key, int, int, int, int, bool]]
 
 
 class ProgressStore:
@@ -217,56 +229,116 @@ class ProgressStore:
             self.fs.rm(self.path, recursive=True)
 
     # Reading --------------------------------------------------------------
-    def load(self) -> Restored:
-        """The newest checkpoint that fully checks out; see the module docstring."""
-        deltas = self._read_deltas()
+    def load(self, on_finished: Callable[[requests.Completion], None] | None = None
+             ) -> Restored:
+        """The newest checkpoint that fully checks out; see the module docstring.
+
+        Every delta file is read and checked once, keeping only its counts, to
+        choose the checkpoint; the chosen chain is then read again in order,
+        so memory holds the outputs of the samples still decoding, never all
+        of the shard's.
+
+        Args:
+          on_finished: Takes each finished sample as the chain is replayed
+            (then ``Restored.finished`` stays empty).
+
+        Raises:
+          ProgressError: A file of the chosen chain changed between the two reads.
+        """
+        deltas = self._scan_deltas()
         heads = sorted(deltas.values(), key=lambda d: d.seq, reverse=True)
-        fallback: Restored | None = None
+        fallback: list[_Delta] | None = None
         for head in heads:
             try:
                 chain = self._chain(head, deltas)
-                outputs, finished = _replay(chain)
+                counts, finished = _count(chain)
             except ProgressError as e:
                 log.warning("progress %s: skipping checkpoint %s: %s", self.path, head.name, e)
                 continue
             try:
-                decoding = self._read_state(head, outputs, finished)
+                states = self._read_state(head, counts, finished)
             except ProgressError as e:
                 log.warning("progress %s: state of %s is unusable (%s); trying an older one",
                             self.path, head.name, e)
-                if fallback is None:  # finished rows still count: decoding samples restart
-                    fallback = Restored(_completions(outputs, finished), [],
-                                        [d.name for d in chain])
+                fallback = fallback or chain  # finished rows still count: the rest restarts
                 continue
-            return Restored(_completions(outputs, finished), decoding, [d.name for d in chain])
-        return fallback or Restored([], [], [])
+            return self._replay(chain, states, on_finished)
+        return self._replay(fallback, [], on_finished) if fallback else Restored([], [], [])
 
-    def _read_deltas(self) -> dict[str, _Delta]:
+    def _scan_deltas(self) -> dict[str, _Delta]:
         try:
             names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
         except FileNotFoundError:
             return {}
-        wanted = {n: m for n in names if (m := _NAME.match(n)) and m.group(3) == "delta"}
-        blobs = self.fs.cat([self._join(n) for n in wanted]) if wanted else {}
         out = {}
-        for path, data in blobs.items():
-            name = path.rsplit("/", 1)[-1]
+        for name in sorted(n for n in names if (m := _NAME.match(n)) and m.group(3) == "delta"):
             try:
-                arrays, meta = decode_file(data)
-                if meta.get("fingerprint") != self.fingerprint:
-                    raise ProgressError("written by another model (fingerprint differs)")
-                if meta.get("seq") != int(wanted[name].group(1)):
-                    raise ProgressError("its sequence number differs from its name")
-            except ProgressError as e:
+                out[name] = self._scan(name)
+            except (ProgressError, OSError) as e:
                 log.warning("progress %s: ignoring %s: %s", self.path, name, e)
-                continue
-            out[name] = _Delta(name, meta["seq"], meta, arrays)
         return out
+
+    def _scan(self, name: str) -> _Delta:
+        arrays, meta = self._read_delta(name)
+        records = []
+        for i, s in enumerate(meta.get("samples", [])):
+            try:
+                key = (str(s["request_id"]), int(s["sample_index"]))
+                records.append((key, int(s["tokens_before"]), int(s["chars_before"]),
+                                arrays.get(f"tokens/{i}", np.zeros(0)).size, len(str(s["text"])),
+                                s.get("finish") is not None))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ProgressError(f"malformed sample record: {e}") from None
+        return _Delta(name, meta["seq"], meta.get("parent"), meta.get("state"), records)
+
+    def _read_delta(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays, meta = decode_file(self.fs.cat_file(self._join(name)))
+        if meta.get("fingerprint") != self.fingerprint:
+            raise ProgressError("written by another model (fingerprint differs)")
+        if meta.get("seq") != int(_NAME.match(name).group(1)):
+            raise ProgressError("its sequence number differs from its name")
+        return arrays, meta
+
+    def _replay(self, chain: Sequence[_Delta], states: Sequence[SlotSnapshot],
+                on_finished: Callable[[requests.Completion], None] | None) -> Restored:
+        """Reads the chain again in order, handing out finished samples as they end."""
+        outputs: dict[Key, SoFar] = {}
+        restored = Restored([], [], [d.name for d in chain])
+        for delta in chain:
+            try:
+                arrays, meta = self._read_delta(delta.name)
+            except (ProgressError, OSError) as e:
+                raise ProgressError(f"{delta.name} changed while it was read: {e}") from None
+            for i, s in enumerate(meta["samples"]):
+                key = (str(s["request_id"]), int(s["sample_index"]))
+                if key in restored.finished_keys:
+                    continue
+                out = outputs.setdefault(key, SoFar())
+                _apply(out, s, arrays.get(f"tokens/{i}"), arrays.get(f"logprobs/{i}"))
+                if s.get("finish") is None:
+                    continue
+                del outputs[key]
+                done = requests.Completion(
+                    request_id=key[0], sample_index=key[1], tokens=out.tokens, text=out.text,
+                    finish_reason=s["finish"]["finish_reason"], error=s["finish"].get("error"),
+                    num_prompt_tokens=out.num_prompt_tokens, logprobs=out.logprobs)
+                restored.finished_keys.add(key)
+                restored.finished_tokens += len(done.tokens)
+                if on_finished is None:
+                    restored.finished.append(done)
+                else:
+                    on_finished(done)
+        for snap in states:
+            so_far = outputs.get((snap.request.request_id, snap.sample_index), SoFar())
+            if len(so_far.tokens) != snap.generated:
+                raise ProgressError(f"{chain[-1].name} changed while it was read")
+            restored.decoding.append((snap, so_far))
+        return restored
 
     @staticmethod
     def _chain(head: _Delta, deltas: Mapping[str, _Delta]) -> list[_Delta]:
         chain = [head]
-        while (parent := chain[-1].meta.get("parent")) is not None:
+        while (parent := chain[-1].parent) is not None:
             if parent not in deltas:
                 raise ProgressError(f"its parent {parent} is missing or unreadable")
             if deltas[parent].seq != chain[-1].seq - 1:
@@ -276,9 +348,10 @@ class ProgressStore:
             raise ProgressError("its chain does not start at checkpoint 1")
         return chain[::-1]
 
-    def _read_state(self, head: _Delta, outputs: Mapping[Key, SoFar],
-                    finished: Mapping[Key, dict]) -> list[tuple[SlotSnapshot, SoFar]]:
-        state = head.meta.get("state")
+    def _read_state(self, head: _Delta, counts: Mapping[Key, int],
+                    finished: set[Key]) -> list[SlotSnapshot]:
+        """The head's decoding samples, each checked against the tokens the chain records."""
+        state = head.state
         if state is None:
             return []
         try:
@@ -298,53 +371,42 @@ class ProgressStore:
             except snapshots.SnapshotError as e:
                 raise ProgressError(str(e)) from None
             key = (snap.request.request_id, snap.sample_index)
-            so_far = outputs.get(key, SoFar())
-            if key in finished or len(so_far.tokens) != snap.generated:
-                raise ProgressError(f"sample {key} has {len(so_far.tokens)} tokens recorded, "
+            if key in finished or counts.get(key, 0) != snap.generated:
+                raise ProgressError(f"sample {key} has {counts.get(key, 0)} tokens recorded, "
                                     f"its state {snap.generated}")
-            out.append((snap, so_far))
+            out.append(snap)
         return out
 
 
-def _replay(chain: Sequence[_Delta]) -> tuple[dict[Key, SoFar], dict[Key, dict]]:
-    """Each sample's output and finish record, from the chain's deltas in order."""
-    outputs: dict[Key, SoFar] = {}
-    finished: dict[Key, dict] = {}
+def _count(chain: Sequence[_Delta]) -> tuple[dict[Key, int], set[Key]]:
+    """Tokens each sample has after the chain, and which finished; checks they add up."""
+    counts: dict[Key, int] = {}
+    chars: dict[Key, int] = {}
+    finished: set[Key] = set()
     for delta in chain:
-        for i, s in enumerate(delta.meta.get("samples", [])):
-            try:
-                key = (str(s["request_id"]), int(s["sample_index"]))
-                before, chars = int(s["tokens_before"]), int(s["chars_before"])
-                tokens = delta.arrays.get(f"tokens/{i}", np.zeros(0, np.int32))
-                logprobs = delta.arrays.get(f"logprobs/{i}")
-                out = outputs.setdefault(key, SoFar())
-                if before > len(out.tokens) or chars > out.chars:
-                    raise ProgressError(f"sample {key} continues past what was recorded")
-                # A sample that restarted (its state was lost) overwrites from ``before``.
-                del out.tokens[before:]
-                if chars < out.chars:
-                    out.pieces, out.chars = [out.text[:chars]], chars
-                if out.logprobs is not None:
-                    del out.logprobs[before:]
-                out.extend(tokens.astype(int).tolist(), str(s["text"]),
-                           None if logprobs is None else logprobs.astype(float).tolist())
-                out.num_prompt_tokens = int(s["num_prompt_tokens"])
-                if s.get("finish") is not None:
-                    finished[key] = dict(s["finish"])
-                else:
-                    finished.pop(key, None)
-            except (KeyError, TypeError, ValueError) as e:
-                raise ProgressError(f"{delta.name}: malformed sample record: {e}") from None
-    return outputs, finished
+        for key, before, chars_before, new, new_chars, done in delta.records:
+            if key in finished:
+                continue
+            if before > counts.get(key, 0) or chars_before > chars.get(key, 0):
+                raise ProgressError(f"{delta.name}: sample {key} continues past what was recorded")
+            counts[key], chars[key] = before + new, chars_before + new_chars
+            if done:
+                finished.add(key)
+    return counts, finished
 
 
-def _completions(outputs: Mapping[Key, SoFar],
-                 finished: Mapping[Key, dict]) -> list[requests.Completion]:
-    return [requests.Completion(
-        request_id=key[0], sample_index=key[1], tokens=list(outputs[key].tokens),
-        text=outputs[key].text, finish_reason=f["finish_reason"],
-        num_prompt_tokens=outputs[key].num_prompt_tokens, error=f.get("error"),
-        logprobs=outputs[key].logprobs) for key, f in finished.items()]
+def _apply(out: SoFar, record: Mapping[str, Any], tokens: np.ndarray | None,
+           logprobs: np.ndarray | None) -> None:
+    """Adds one delta record to a sample's output (a restarted sample overwrites from its start)."""
+    before, chars = int(record["tokens_before"]), int(record["chars_before"])
+    del out.tokens[before:]
+    if chars < out.chars:
+        out.pieces, out.chars = [out.text[:chars]], chars
+    if out.logprobs is not None:
+        del out.logprobs[before:]
+    out.extend([] if tokens is None else tokens.astype(int).tolist(), str(record["text"]),
+               None if logprobs is None else logprobs.astype(float).tolist())
+    out.num_prompt_tokens = int(record["num_prompt_tokens"])
 
 
 @dataclasses.dataclass
@@ -371,7 +433,9 @@ class ResumePlan:
 
     Stored samples are matched to this attempt's requests by row (their
     stored id); one whose request differs (another prompt or sampling
-    parameters) is dropped with a warning and runs again.
+    parameters) is dropped with a warning and runs again. Finished samples
+    that ``load`` already handed out (``Restored.finished_keys``) are only
+    marked done here.
 
     Attributes:
       restored_tokens: Generated tokens taken from the checkpoint so far.
@@ -379,15 +443,20 @@ class ResumePlan:
 
     def __init__(self, restored: Restored):
         self._finished: dict[int, list[requests.Completion]] = collections.defaultdict(list)
+        self._done: dict[int, set[int]] = collections.defaultdict(set)  # handed out already
         self._decoding: dict[int, list[tuple[SlotSnapshot, SoFar]]] = collections.defaultdict(
             list)
         for c in restored.finished:
             if c.request_id.isdigit():
                 self._finished[int(c.request_id)].append(c)
+        if not restored.finished:  # load() gave them to its on_finished
+            for stored_id, sample_index in restored.finished_keys:
+                if stored_id.isdigit():
+                    self._done[int(stored_id)].add(sample_index)
         for snap, so_far in restored.decoding:
             if snap.request.request_id.isdigit():
                 self._decoding[int(snap.request.request_id)].append((snap, so_far))
-        self.restored_tokens = 0
+        self.restored_tokens = 0 if restored.finished else restored.finished_tokens
 
     def split(self, request_list: Sequence[requests.Request],
               row_of: Callable[[str], int]) -> ResumeWork:
@@ -396,6 +465,9 @@ class ResumePlan:
         for request in request_list:
             row = row_of(request.request_id)
             taken: set[int] = set()
+            for sample_index in self._done.pop(row, set()):
+                if self._matches(request, str(row), sample_index):
+                    taken.add(sample_index)
             for c in self._finished.pop(row, []):
                 if self._matches(request, c.request_id, c.sample_index):
                     finished.append(dataclasses.replace(c, request_id=request.request_id))
@@ -464,8 +536,7 @@ class ShardCheckpointer:
         # Where storage ends per sample: (tokens, pieces, chars) of its SoFar.
         self._stored: dict[Key, tuple[int, int, int]] = {}
         self._done: set[Key] = set()
-        for c in restored.finished if restored else ():
-            self._done.add((c.request_id, c.sample_index))
+        self._done |= restored.finished_keys if restored else set()
         for snap, so_far in restored.decoding if restored else ():
             self._stored[(snap.request.request_id, snap.sample_index)] = so_far.mark()
 

@@ -46,6 +46,7 @@ import pyarrow as pa
 from griffin_batch.actors import batching, output, rows, shards
 from griffin_batch.actors import spill as spill_lib
 from griffin_batch.cluster import faults
+from griffin_batch.model import requests
 from griffin_batch.model.engine_config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -238,18 +239,33 @@ class GenerationWorker:
             self._loop.release(batch)
         return rows.assemble(prepared, [*prepared.rejected, *completions], table, options)
 
-    def _progress(self, spec: shards.ShardSpec, options: shards.ShardOptions):
-        """The shard's checkpointer and what its newest checkpoint holds (None, None: off)."""
+    def _progress(self, spec: shards.ShardSpec, options: shards.ShardOptions, attempt: int,
+                  spill: spill_lib.CompletionSpill):
+        """The shard's checkpointer and what its newest checkpoint holds (None, None: off).
+
+        Finished samples in the checkpoint go straight to ``spill`` as the
+        checkpoint is read, under this attempt's request ids.
+        """
         if not options.checkpoint_every_s or options.commit_on_driver:
             return None, None
         from griffin_batch.actors import progress
 
         store = progress.ProgressStore(shards.progress_url(options.output_dir, spec.shard_id),
                                        self._fingerprint, self._template)
-        restored = store.load()
+        pending: list[requests.Completion] = []
+
+        def to_spill(done: requests.Completion) -> None:
+            rid = rows.request_id(spec, attempt, int(done.request_id))  # stored id: the row
+            pending.append(dataclasses.replace(done, request_id=rid))
+            if len(pending) >= spill_lib.SPILL_EVERY:
+                spill.add(pending)
+                pending.clear()
+
+        restored = store.load(on_finished=to_spill)
+        spill.add(pending)
         if restored.chain:
             log.info("shard %s: continuing from checkpoint %s (%d finished, %d decoding samples)",
-                     spec.shard_id, restored.chain[-1], len(restored.finished),
+                     spec.shard_id, restored.chain[-1], len(restored.finished_keys),
                      len(restored.decoding))
         checkpointer = progress.ShardCheckpointer(
             store, restored, stored_id=lambda rid: str(rows.row_of(rid)))
@@ -265,7 +281,7 @@ class GenerationWorker:
         straight to the spill, and the engine's completions follow them there.
         """
         chat = self.tokenizer.chat_prompt if options.chat else None
-        checkpointer, plan = self._progress(spec, options)
+        checkpointer, plan = self._progress(spec, options, attempt, spill)
         batch = batching.Batch(checkpointer=checkpointer,
                                checkpoint_every_s=options.checkpoint_every_s, spill=spill)
         ids: list[str] = []

@@ -187,3 +187,23 @@ def test_checkpoints_on_s3(model, s3_server):
     assert [c.tokens for c in again.finished] == [c.tokens for c in restored.finished]
     store.remove()
     assert store.load().chain == []
+
+
+def test_finished_samples_can_stream_out_of_a_load(model, tmp_path):
+    """What a worker does: finished samples go to its spill as the chain is replayed, and only
+    the samples still decoding are held in memory."""
+    store = _store(model, tmp_path / "p")
+    _attempt(model, store, 0, stop_after_rounds=34)
+    whole = store.load()
+    streamed = []
+    light = store.load(on_finished=streamed.append)
+    assert light.finished == [] and light.chain == whole.chain
+    assert light.finished_keys == {(c.request_id, c.sample_index) for c in whole.finished}
+    assert streamed == whole.finished and light.finished_tokens == sum(
+        len(c.tokens) for c in streamed) > 0
+    assert [(s.sample_index, o.tokens) for s, o in light.decoding] == [
+        (s.sample_index, o.tokens) for s, o in whole.decoding]
+    plan = progress.ResumePlan(light)
+    assert plan.split(_requests(1), rows.row_of).finished == []  # already handed out
+    assert plan.restored_tokens == progress.resume_work(
+        _requests(1), whole, rows.row_of).restored_tokens
