@@ -7,6 +7,7 @@ Parquet rows, Ray ships them to workers, and workers return ``Completion``s.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -15,6 +16,17 @@ FinishReason = Literal["stop", "length", "error"]
 
 class RequestError(ValueError):
     """A request that cannot be served; reported per request, never fatal to a batch."""
+
+
+# What the device code can represent, and what one request may ask for. Positions,
+# top-k and token counts are int32 on device; a request beyond these is rejected
+# on its own instead of overflowing inside a batch that other requests share.
+INT32_MAX = 2**31 - 1
+MAX_SAMPLES = 4096
+"""Most samples (``n``) one request may ask for."""
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 256
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,25 +59,51 @@ class SamplingParams:
     logprobs: bool = False
 
     def validate(self, vocab_size: int | None = None) -> None:
-        """Raises RequestError naming the first invalid field."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not self.temperature >= 0.0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
-            raise RequestError(f"top_k must be a positive integer or None, got {self.top_k!r}")
-        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
+        """Raises RequestError naming the first invalid field and what it accepts."""
+        if not _is_int(self.max_tokens) or not 0 < self.max_tokens <= INT32_MAX:
+            raise RequestError(
+                f"max_tokens must be an integer in [1, {INT32_MAX}], got {self.max_tokens!r}")
+        if not _is_number(self.temperature) or not 0.0 <= self.temperature < math.inf:
+            raise RequestError(
+                f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (not _is_int(self.top_k)
+                                       or not 0 < self.top_k <= INT32_MAX):
+            raise RequestError(
+                f"top_k must be an integer in [1, {INT32_MAX}] or None, got {self.top_k!r}")
+        if self.top_p is not None and (not _is_number(self.top_p)
+                                       or not 0.0 < self.top_p <= 1.0):
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.n, int) or self.n <= 0:
-            raise RequestError(f"n must be a positive integer, got {self.n!r}")
-        if not isinstance(self.seed, int):
+        if not _is_int(self.n) or not 0 < self.n <= MAX_SAMPLES:
+            raise RequestError(f"n must be an integer in [1, {MAX_SAMPLES}], got {self.n!r}")
+        if not _is_int(self.seed):
             raise RequestError(f"seed must be an integer, got {self.seed!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise RequestError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if not isinstance(self.logprobs, bool):
+            raise RequestError(f"logprobs must be true or false, got {self.logprobs!r}")
+        if len(self.stop) > MAX_STOP_STRINGS or any(
+                not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
+            raise RequestError(
+                f"stop must be at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                f"{MAX_STOP_CHARS} characters, got {_short(self.stop)}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise RequestError(f"stop_token_ids holds {len(self.stop_token_ids)} ids, at most "
+                               f"{MAX_STOP_TOKEN_IDS} are allowed")
         for t in self.stop_token_ids:
-            if not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
+            if not _is_int(t) or t < 0 or (vocab_size is not None and t >= vocab_size):
                 raise RequestError(
-                    f"stop token id {t!r} is outside the vocabulary [0, {vocab_size})")
+                    f"stop_token_ids: id {t!r} is outside the vocabulary [0, {vocab_size})")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

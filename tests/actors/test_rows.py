@@ -61,10 +61,10 @@ def test_prepare_turns_bad_rows_into_error_rows():
         1: "prompt is null",
         2: "prompt is empty",
         3: "prompt is empty",
-        4: "max_tokens must be a positive integer, got -1",
+        4: "max_tokens must be an integer in [1, 2147483647], got -1",
         5: "temperature must be a number, got 'hot'",
         6: "max_tokens must be an integer, got 2.5",
-        7: "n must be a positive integer, got 0",
+        7: "n must be an integer in [1, 4096], got 0",
     }
     assert all(c.finish_reason == "error" for c in prepared.rejected)
 
@@ -191,3 +191,13 @@ def test_publish_makes_the_whole_file_appear_at_once(tmp_path, url):
     files = [p for p in fs.find(directory) if not p.rsplit("/", 1)[-1].startswith("_")]
     assert [p.rsplit("/", 1)[-1] for p in files] == ["part-00001.parquet"]
     assert fs.find(f"{directory}/{output.TEMP_DIR}") == []  # no temp file left behind
+
+
+def test_a_value_the_device_cannot_represent_is_that_rows_error():
+    """Before, ``top_k = 2**31`` in an int64 column overflowed inside the engine's shared
+    batch and stopped every worker; now it is one error row and the others go on."""
+    table = pa.table({"prompt": ["a", "b", "c"], "top_k": pa.array([None, 2**31, 5], pa.int64())})
+    prepared = rows.prepare(table, _spec(num_rows=3), OPTIONS, attempt=0)
+    assert [rows.row_of(r.request_id) for r in prepared.requests] == [0, 2]
+    (bad,) = prepared.rejected
+    assert rows.row_of(bad.request_id) == 1 and "top_k must be an integer in [1, " in bad.error

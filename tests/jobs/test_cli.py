@@ -45,7 +45,7 @@ def test_non_empty_output(capsys, tmp_path, good_input):
     [
         (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
         (["--workers", "2", "--min-workers", "1"], "--workers excludes"),
-        (["--max-tokens", "0"], "max_tokens must be a positive integer"),
+        (["--max-tokens", "0"], "max_tokens must be an integer in [1, "),
         (
             ["--checkpoint", "/nowhere/ckpt", "--tokenizer", "/nowhere/t.model"],
             "--checkpoint /nowhere/ckpt does not exist",

@@ -36,9 +36,9 @@ def test_defaults_validate_and_are_frozen():
         ({"model": config_lib.ModelConfig(checkpoint="ckpt")}, "--checkpoint needs --tokenizer"),
         (
             {"sampling": config_lib.SamplingConfig(temperature=-1.0)},
-            "invalid sampling option: temperature must be >= 0",
+            "invalid sampling option: temperature must be a finite number >= 0",
         ),
-        ({"sampling": config_lib.SamplingConfig(n=0)}, "n must be a positive integer"),
+        ({"sampling": config_lib.SamplingConfig(n=0)}, "n must be an integer in"),
         (
             {"cluster": config_lib.ClusterConfig(workers=2, max_workers=3)},
             "--workers excludes --min-workers/--max-workers",

@@ -497,12 +497,12 @@ def test_bad_requests_get_error_completions(model):
         "no_ids": (req("no_ids", []), "prompt has no tokens"),
         "bad_id": (req("bad_id", [2, VOCAB]), "outside [0, 512)"),
         "too_long": (req("too_long", PROMPTS[3]), "over the limit of 32"),
-        "max0": (req("max0", "Hi", max_tokens=0), "max_tokens must be a positive integer"),
-        "max_neg": (req("max_neg", "Hi", max_tokens=-3), "max_tokens must be a positive integer"),
+        "max0": (req("max0", "Hi", max_tokens=0), "max_tokens must be an integer in [1, "),
+        "max_neg": (req("max_neg", "Hi", max_tokens=-3), "max_tokens must be an integer in [1, "),
         "top_p0": (req("top_p0", "Hi", top_p=0.0), "top_p must be in (0, 1]"),
         "top_p_big": (req("top_p_big", "Hi", top_p=1.5), "top_p must be in (0, 1]"),
-        "stop_id": (req("stop_id", "Hi", stop_token_ids=(VOCAB,)), "stop token id 512"),
-        "stop_neg": (req("stop_neg", "Hi", stop_token_ids=(-1,)), "stop token id -1"),
+        "stop_id": (req("stop_id", "Hi", stop_token_ids=(VOCAB,)), "stop_token_ids: id 512"),
+        "stop_neg": (req("stop_neg", "Hi", stop_token_ids=(-1,)), "stop_token_ids: id -1"),
     }
     order = (
         [good[0]] + [r for r, _ in bad.values()][:5] + [good[1]] + [r for r, _ in bad.values()][5:]
