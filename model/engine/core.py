@@ -194,6 +194,8 @@ class Engine:
                 samples.append(self._validate(request, index))
             except RequestError as e:
                 self._outbox.append((request, None, op.error_chunk(request, index, str(e))))
+            except Exception as e:  # noqa: BLE001 - one request's problem is its own error
+                self._outbox.append((request, None, op.error_chunk(request, index, _failure(e))))
         if not samples:
             return None
         return self._runner.start_prefill(self._slots.plan_prefill(samples))
@@ -217,8 +219,15 @@ class Engine:
                 self._emit(slot, s, tokens[slot], logprobs[slot])
 
     def _emit(self, slot: int, s: op.SampleState, tokens, logprobs) -> None:
-        """Puts a sample's chunk of new tokens in the outbox; frees its slot when it finishes."""
-        chunk = op.process_tokens(s, tokens, logprobs)
+        """Puts a sample's chunk of new tokens in the outbox; frees its slot when it finishes.
+
+        Host work on one sample's output (detokenizing, stop strings) that
+        raises ends that sample with an error; the others go on.
+        """
+        try:
+            chunk = op.process_tokens(s, tokens, logprobs)
+        except Exception as e:  # noqa: BLE001 - one request's problem is its own error
+            chunk = op.error_chunk(s.request, s.sample_index, _failure(e))
         if chunk is None:
             return
         if chunk.finish_reason is not None:
@@ -278,3 +287,8 @@ def sample(config: GriffinConfig, params: at.Params, tokenizer, prompts: list[st
                 for i, p in enumerate(prompts)]
     by_id = {c.request_id: c for c in engine.generate(requests)}
     return [by_id[str(i)] for i in range(len(prompts))]
+
+
+def _failure(error: Exception) -> str:
+    """A request's error text for an unexpected exception while serving it."""
+    return f"failed while serving this request: {type(error).__name__}: {error}"[:500]

@@ -489,6 +489,53 @@ def test_snapshot_is_small_and_constant_size(model):
 # Request errors ----------------------------------------------------------------
 
 
+class _FirstDecoderBreaks:
+    """The tokenizer, except that the first stream decoder it makes raises on its second push."""
+
+    def __init__(self, tok):
+        self._tok, self._made = tok, 0
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def stream_decoder(self):
+        self._made += 1
+        decoder, breaks = self._tok.stream_decoder(), self._made == 1
+
+        class Decoder:
+            pushes = 0
+
+            def push(self, ids):
+                Decoder.pushes += 1
+                if breaks and Decoder.pushes == 2:
+                    raise RuntimeError("decoder broke")
+                return decoder.push(ids)
+
+            def flush(self):
+                return decoder.flush()
+
+            def state(self):
+                return decoder.state()
+
+        return Decoder()
+
+
+def test_an_exception_while_serving_one_request_is_that_requests_error(model):
+    """Host work on one request that raises (here its prompt is not text or ids, and another's
+    detokenizer breaks mid-output) ends that request with an error; the engine goes on."""
+    engine = make_engine(model, tokenizer=_FirstDecoderBreaks(model[2]))
+    requests = [req("broken", PROMPTS[1], max_tokens=20), Request(request_id="odd", prompt=123),
+                req("fine", PROMPTS[0], max_tokens=20), req("also", PROMPTS[2], max_tokens=20)]
+    out = run(engine, requests)
+    assert out[("broken", 0)].finish_reason == "error"
+    assert "RuntimeError: decoder broke" in out[("broken", 0)].error
+    assert out[("odd", 0)].finish_reason == "error" and "TypeError" in out[("odd", 0)].error
+    alone = run(make_engine(model), requests[2:])
+    for rid in ("fine", "also"):
+        assert out[(rid, 0)].tokens == alone[(rid, 0)].tokens and out[(rid, 0)].error is None
+
+
+
 def test_bad_requests_get_error_completions(model):
     engine = make_engine(model, max_prompt_tokens=32)
     good = [req("good0", PROMPTS[0], max_tokens=12), req("good1", PROMPTS[1], max_tokens=9)]
