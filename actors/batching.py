@@ -161,7 +161,7 @@ class EngineLoop:
     """Serves work from many threads through one engine stream.
 
     Args:
-      engine: A ``model.Engine`` (``stream``, ``snapshot``, ``between_rounds``).
+      engine: A ``model.Engine`` (``stream``, ``snapshot``, ``between_rounds``, ``engine_config``).
     """
 
     def __init__(self, engine):
@@ -169,6 +169,7 @@ class EngineLoop:
         self._cond = threading.Condition()
         self._queue: collections.deque = collections.deque()  # Requests and SlotSnapshots
         self._owner: dict[str, Batch] = {}  # request id -> batch, until the batch is done
+        self._batches: set[Batch] = set()  # batches fed and not yet released
         self._left: dict[str, int] = {}  # samples still owed by the engine, per request id
         self._outputs: dict[Key, SoFar] = {}  # output so far of samples being served
         self._fatal: BaseException | None = None
@@ -177,8 +178,7 @@ class EngineLoop:
         self._drain: tuple[threading.Event, str] | None = None
         # Items of one batch allowed to wait for the engine: twice what its
         # admission looks ahead at, so feeding never starves it.
-        ec = getattr(engine, "engine_config", None)
-        self.feed_ahead = 8 * (ec.num_slots if ec is not None else 16)
+        self.feed_ahead = 8 * engine.engine_config.num_slots
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -228,12 +228,14 @@ class EngineLoop:
                     self._outputs[(snap.request.request_id, snap.sample_index)] = so_far
             batch._expect(sum(r.params.n for r in request_list) + len(resumed))
             batch._queued += len(items)
+            self._batches.add(batch)
             self._queue.extend(items)
             self._cond.notify_all()
 
     def release(self, batch: Batch) -> None:
         """Forgets a finished batch's request ids."""
         with self._cond:
+            self._batches.discard(batch)
             for rid in batch.request_ids:
                 if self._owner.get(rid) is batch:
                     del self._owner[rid]
@@ -355,8 +357,7 @@ class EngineLoop:
             self._writing.result()
         now = time.monotonic()
         with self._cond:
-            live = {id(b): b for b in self._owner.values()
-                    if b.checkpointer is not None and not b.done}
+            live = {id(b): b for b in self._batches if b.checkpointer is not None and not b.done}
         due = [b for b in live.values() if force or b.next_checkpoint <= now]
         if not due:
             return
@@ -398,7 +399,7 @@ class EngineLoop:
 
     def _fail_all(self, error: BaseException) -> None:
         with self._cond:
-            batches = set(self._owner.values())
+            batches = set(self._batches)
         for b in batches:
             b._fail(error)
 

@@ -264,6 +264,32 @@ def _as_float(name: str, value: Any) -> float:
     return result
 
 
+def index_samples(samples_per_row: Sequence[int],
+                  keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], int]:
+    """Where each (row, sample) stands in ``keys``, checking each expected one is there once.
+
+    Args:
+      samples_per_row: Samples each row has (``Prepared.samples``).
+      keys: (row, sample index) of each finished sample, in any order.
+
+    Raises:
+      RowAccountingError: A (row, sample) is missing, duplicated or unexpected.
+    """
+    position: dict[tuple[int, int], int] = {}
+    for i, (row, sample) in enumerate(keys):
+        if not (0 <= row < len(samples_per_row) and 0 <= sample < samples_per_row[row]):
+            raise RowAccountingError(f"unexpected completion for row {row} sample {sample}")
+        if (row, sample) in position:
+            raise RowAccountingError(f"row {row} sample {sample} came back twice")
+        position[(row, sample)] = i
+    missing = [(r, i) for r, n in enumerate(samples_per_row) for i in range(n)
+               if (r, i) not in position]
+    if missing:
+        raise RowAccountingError(
+            f"{len(missing)} (row, sample) pairs never came back, e.g. {missing[:5]}")
+    return position
+
+
 def assemble(
     prepared: Prepared,
     completions: Iterable[requests.Completion],
@@ -275,23 +301,11 @@ def assemble(
     Raises:
       RowAccountingError: A (row, sample) is missing, duplicated or unexpected.
     """
-    got: dict[tuple[int, int], requests.Completion] = {}
-    for c in completions:
-        row = row_of(c.request_id)
-        key = (row, c.sample_index)
-        if not (0 <= row < len(prepared.samples) and 0 <= c.sample_index < prepared.samples[row]):
-            raise RowAccountingError(
-                f"unexpected completion {c.request_id!r} sample {c.sample_index}"
-            )
-        if key in got:
-            raise RowAccountingError(f"row {row} sample {c.sample_index} came back twice")
-        got[key] = c
+    done_list = list(completions)
+    position = index_samples(prepared.samples,
+                             [(row_of(c.request_id), c.sample_index) for c in done_list])
     order = [(r, i) for r, n in enumerate(prepared.samples) for i in range(n)]
-    missing = [k for k in order if k not in got]
-    if missing:
-        raise RowAccountingError(
-            f"{len(missing)} (row, sample) pairs never came back, e.g. {missing[:5]}"
-        )
+    got = {k: done_list[i] for k, i in position.items()}
     done = [got[k] for k in order]
     return _table(prepared, done, [r for r, _ in order], table, options)
 

@@ -113,7 +113,8 @@ def write_output(ids: Sequence[str], samples_per_row: Sequence[int], samples: pa
     Raises:
       RowAccountingError: A (row, sample) is missing, duplicated or unexpected.
     """
-    position = _index(samples_per_row, samples)
+    position = rows.index_samples(samples_per_row, zip(
+        samples["row"].to_pylist(), samples["sample_index"].to_pylist(), strict=True))
     totals = [0, 0, 0, 0]
     writer, first = None, 0
     try:
@@ -149,24 +150,6 @@ def row_windows(num_rows: int, window_rows: int | None = None) -> Iterator[pa.Ta
     window_rows = window_rows or rows.WINDOW_ROWS
     for start in range(0, num_rows, window_rows):
         yield pa.table({"_": pa.nulls(min(window_rows, num_rows - start))}).select([])
-
-
-def _index(samples_per_row: Sequence[int], samples: pa.Table) -> dict[tuple[int, int], int]:
-    """Position of each (row, sample) in ``samples``, checking each is there exactly once."""
-    position: dict[tuple[int, int], int] = {}
-    pairs = zip(samples["row"].to_pylist(), samples["sample_index"].to_pylist(), strict=True)
-    for i, (row, sample) in enumerate(pairs):
-        if not (0 <= row < len(samples_per_row) and 0 <= sample < samples_per_row[row]):
-            raise rows.RowAccountingError(f"unexpected completion for row {row} sample {sample}")
-        if (row, sample) in position:
-            raise rows.RowAccountingError(f"row {row} sample {sample} came back twice")
-        position[(row, sample)] = i
-    missing = [(r, i) for r, n in enumerate(samples_per_row) for i in range(n)
-               if (r, i) not in position]
-    if missing:
-        raise rows.RowAccountingError(
-            f"{len(missing)} (row, sample) pairs never came back, e.g. {missing[:5]}")
-    return position
 
 
 def _group(ids: Sequence[str], part: pa.Table, row_numbers: list[int], first: int,

@@ -328,7 +328,8 @@ def _abandon(
 
 def _remove_progress(out: manifest.OutputDir, shard_id: str | None = None) -> None:
     """Deletes a committed shard's progress checkpoints (all shards' when ``shard_id`` is None)."""
-    path = f"{out.path}/{shards.PROGRESS_DIR}" + (f"/{shard_id}" if shard_id else "")
+    path = (shards.progress_url(out.path, shard_id) if shard_id
+            else f"{out.path}/{shards.PROGRESS_DIR}")
     try:
         out.fs.rm(path, recursive=True)
     except FileNotFoundError:
