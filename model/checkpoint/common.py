@@ -10,13 +10,15 @@ circle. Everything here is format-neutral:
   with a declared config and a preset (``resolve_config``);
 * ``CheckpointError`` and ``describe_config``, so that every message names the
   config in the same words;
-* small fsspec helpers (``join``, ``read_json``, ``write_json``, ``is_local``).
+* small fsspec helpers (``join``, ``read_json``, ``write_json``, ``is_local``) and
+  ``safe_member_name``, which keeps a file name read from a checkpoint inside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -27,6 +29,8 @@ from griffin_batch.model.config import ATTENTION, RECURRENT, GriffinConfig, Pres
 CONFIG_JSON = "config.json"
 # Hyper-parameters that parameter shapes cannot tell.
 HYPER_FIELDS = ("embeddings_scale_by_sqrt_dim", "attention_window_size", "logits_soft_cap")
+# A Windows drive ("C:", "C:x"): os.path.join on Windows would drop the directory before it.
+_DRIVE = re.compile(r"^[A-Za-z]:")
 
 Params = dict[str, Any]
 
@@ -297,6 +301,45 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 def join(root: str, name: str) -> str:
     """``root/name`` with exactly one slash; fsspec paths always use "/", so not ``os.path``."""
     return f"{root.rstrip('/')}/{name}"
+
+
+def safe_member_name(name: Any, source: str) -> str:
+    """Checks that a file name read from a checkpoint stays inside the checkpoint.
+
+    Names come from untrusted data (a shard index's ``weight_map``, a directory
+    listing) and are joined to the checkpoint directory and to a local
+    temporary directory; a name that could point elsewhere is refused, so that
+    a crafted checkpoint can neither read nor write outside its place.
+
+    Args:
+      name: The entry: a "/"-separated path relative to the checkpoint directory.
+      source: The checkpoint file or directory the entry came from, for messages.
+
+    Returns:
+      ``name`` unchanged.
+
+    Raises:
+      CheckpointError: ``name`` is not a string, is empty, is absolute (POSIX
+        "/x", a Windows drive "C:" or UNC "\\\\host"), has a ".." component, or
+        contains a backslash or NUL; the message names ``source`` and the entry.
+    """
+    if not isinstance(name, str):
+        reason = f"is a {type(name).__name__}, not a file name"
+    elif not name:
+        reason = "is empty"
+    elif "\0" in name:
+        reason = "contains NUL"
+    elif "\\" in name:  # also every UNC path; a "/"-separated name never needs one
+        reason = "contains a backslash"
+    elif name.startswith("/") or _DRIVE.match(name):
+        reason = "is absolute"
+    elif ".." in name.split("/"):
+        reason = "has a '..' component"
+    else:
+        return name
+    raise CheckpointError(
+        f"{source}: entry {name!r} {reason}; only paths inside the checkpoint are allowed"
+    )
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:

@@ -403,7 +403,10 @@ def _hf_weight_files(fs: fsspec.AbstractFileSystem, root: str, path: str) -> lis
         weight_map = common.read_json(fs, index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise common.CheckpointError(f"{path}/{HF_INDEX_JSON}: no weight_map")
-        names = sorted(set(weight_map.values()))
+        # The index is untrusted: every name is checked before any is looked up, opened or
+        # copied, so none can reach outside the checkpoint or the temporary copy's directory.
+        source = f"{path}/{HF_INDEX_JSON}"
+        names = sorted({common.safe_member_name(n, source) for n in weight_map.values()})
         for name in names:
             if not fs.exists(common.join(root, name)):
                 raise common.CheckpointError(

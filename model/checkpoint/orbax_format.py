@@ -7,7 +7,8 @@ hyper-parameters from a ``config.json`` beside it (``GriffinConfig`` field
 names) or from a preset.
 
 orbax (through tensorstore) reads local paths and gs:// itself; any other
-fsspec filesystem is copied to a local temporary directory first.
+fsspec filesystem is copied to a local temporary directory first, once every
+name in its listing is known to stay inside the copy.
 
 This file is not called ``orbax.py`` so that, inside this package, the name
 ``orbax`` always means the library.
@@ -52,7 +53,9 @@ def load(
 
     Raises:
       CheckpointError: A ``config.json`` with unknown fields, hyper-parameters
-        that no source gives, or parameters that contradict the config.
+        that no source gives, parameters that contradict the config, or an
+        entry (a name in a remote listing, a local symbolic link) that reaches
+        outside the checkpoint.
     """
     declared = None
     config_path = common.join(root, common.CONFIG_JSON)
@@ -65,12 +68,17 @@ def load(
                 f"{path}/{common.CONFIG_JSON}: unknown fields {unknown}; expected GriffinConfig "
                 f"fields {sorted(fields)}"
             )
-    if _orbax_native(fs):
-        tree = _restore(os.path.abspath(root) if common.is_local(fs) else path)
+    if common.is_local(fs):
+        # Read in place, so nothing is copied; but orbax would follow a link out of the
+        # directory, so such links are refused (os.path.realpath) before it reads anything.
+        _check_local_links(os.path.abspath(root), path)
+        tree = _restore(os.path.abspath(root))
+    elif _orbax_native(fs):
+        tree = _restore(path)
     else:
         with tempfile.TemporaryDirectory(prefix="griffin-ckpt-") as tmp:
             local = os.path.join(tmp, "ckpt")
-            fs.get(root, local, recursive=True)
+            _copy_to_local(fs, root, local, path)
             tree = _restore(local)
     if isinstance(tree.get("params"), Mapping):
         tree = tree["params"]
@@ -115,6 +123,69 @@ def _orbax_native(fs: fsspec.AbstractFileSystem) -> bool:
             and not os.environ.get("TENSORSTORE_GCS_HTTP_URL")
         )
     return False
+
+
+def _copy_to_local(fs: fsspec.AbstractFileSystem, root: str, local: str, path: str) -> None:
+    """Copies the directory ``root`` on ``fs`` to the new local directory ``local``.
+
+    The listing is untrusted (an object store holds any key, "a/../../b"
+    included), so every entry is checked before the first byte is copied, and
+    each copy's local path is built from the checked name rather than left to
+    fsspec.
+
+    Raises:
+      CheckpointError: An entry outside ``root`` or whose name could reach
+        outside ``local`` (see ``common.safe_member_name``), naming it.
+    """
+    top = root.rstrip("/")
+    prefix = top + "/"
+    listing = fs.find(root, withdirs=True, detail=True)
+    # Files first, so that a crafted key is named rather than the pseudo-directories above it.
+    entries = sorted(
+        (info.get("type") == "directory", entry)
+        for entry, info in listing.items()
+        if entry.rstrip("/") != top
+    )
+    dirs, files = [], []
+    for is_dir, entry in entries:
+        if not entry.startswith(prefix):
+            raise common.CheckpointError(
+                f"{path}: the listing holds {entry!r}, which is outside {root!r}"
+            )
+        name = common.safe_member_name(entry[len(prefix) :].rstrip("/"), path)
+        target = os.path.join(local, *name.split("/"))
+        (dirs if is_dir else files).append((entry, target))
+    os.makedirs(local)
+    for _, target in dirs:
+        os.makedirs(target, exist_ok=True)
+    for _, target in files:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+    if files:  # lists on both sides: fsspec copies each to the path given, in parallel if it can
+        fs.get([entry for entry, _ in files], [target for _, target in files])
+
+
+def _check_local_links(root: str, path: str) -> None:
+    """Refuses a local checkpoint with a symbolic link that resolves outside it.
+
+    orbax would follow such a link and read whatever file it names as checkpoint
+    data; a link to a place inside the checkpoint (or ``root`` itself being a
+    link) is fine.
+
+    Raises:
+      CheckpointError: Naming the link and where it points.
+    """
+    real_root = os.path.realpath(root)
+    for parent, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            entry = os.path.join(parent, name)
+            if not os.path.islink(entry):
+                continue
+            target = os.path.realpath(entry)
+            if os.path.commonpath([real_root, target]) != real_root:
+                raise common.CheckpointError(
+                    f"{path}: entry {os.path.relpath(entry, root)!r} is a link to {target!r}, "
+                    f"outside the checkpoint"
+                )
 
 
 def _restore(location: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 
 import fsspec
 import jax
@@ -607,6 +608,145 @@ def test_safetensors_file_errors(tmp_path):
         hf_format.write_safetensors(
             fs, str(tmp_path / "bad.safetensors"), {"z": np.zeros(2, np.complex128)}
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted checkpoints stay in their place.
+
+
+def _tree(root) -> list[str]:
+    """Every path under ``root``, relative to it: what a load may not add to."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("", "is empty"),
+        (3, "is a int"),
+        ("a\0b.safetensors", "contains NUL"),
+        ("sub\\x.safetensors", "contains a backslash"),
+        ("\\\\host\\share\\x.safetensors", "contains a backslash"),  # UNC
+        ("C:\\x.safetensors", "contains a backslash"),
+        ("C:x.safetensors", "is absolute"),  # drive-relative: still leaves the directory
+        ("/tmp/abs.safetensors", "is absolute"),
+        ("..", "has a '..' component"),
+        ("../evil.safetensors", "has a '..' component"),
+        ("sub/../../x.safetensors", "has a '..' component"),
+    ],
+)
+def test_safe_member_name_refuses_names_that_leave_the_checkpoint(name, reason):
+    with pytest.raises(
+        checkpoint.CheckpointError, match=re.escape(f"ckpt/index.json: entry {name!r} {reason}")
+    ):
+        common.safe_member_name(name, "ckpt/index.json")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "sub/model-1.safetensors", "a..b", "./x"])
+def test_safe_member_name_keeps_names_inside_the_checkpoint(name):
+    assert common.safe_member_name(name, "ckpt") == name
+
+
+@pytest.mark.parametrize("where", ["memory", "local"])
+@pytest.mark.parametrize(
+    "entry", ["../evil.safetensors", "{tmp}/abs.safetensors", "sub/../../x.safetensors"]
+)
+def test_hf_index_cannot_name_files_outside_the_checkpoint(tmp_path, monkeypatch, where, entry):
+    """A crafted weight_map entry is refused, naming it, before any file is looked up or copied.
+
+    On memory:// the loader copies the shards into a temporary directory, and the
+    crafted entry exists there as a key, so a loader without the check would
+    copy it out of that directory. The absolute entry lies under tmp_path, not
+    /tmp, so that such a loader would write where this test looks.
+    """
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    entry = entry.format(tmp=tmp_path)
+    index = {
+        "metadata": {},
+        "weight_map": {"model.embed_tokens.weight": "model-1.safetensors", "x.weight": entry},
+    }
+    files = {
+        checkpoint.HF_INDEX_JSON: json.dumps(index).encode(),
+        "config.json": json.dumps(hf_format.hf_config_dict(CONFIGS["griffin"])).encode(),
+        "model-1.safetensors": b"",
+    }
+    fs = fsspec.filesystem("memory")
+    if where == "memory":
+        root, path = f"/crafted/{tmp_path.name}", f"memory://crafted/{tmp_path.name}"
+        for name, data in {**files, entry: b"bait"}.items():
+            fs.pipe(common.join(root, name), data)
+    else:
+        path = str(tmp_path / "ckpt")
+        os.makedirs(path)
+        for name, data in files.items():
+            with open(os.path.join(path, name), "wb") as f:
+                f.write(data)
+    before = _tree(tmp_path)
+    try:
+        with pytest.raises(
+            checkpoint.CheckpointError,
+            match=re.escape(f"{path}/{checkpoint.HF_INDEX_JSON}: entry {entry!r} ")
+            + r"(is absolute|has a '\.\.' component)",
+        ):
+            checkpoint.load_checkpoint(path)
+    finally:
+        if where == "memory":
+            fs.rm(f"/crafted/{tmp_path.name}", recursive=True)
+    assert _tree(tmp_path) == before and not os.listdir(scratch)
+
+
+@pytest.mark.parametrize("entry", ["../../evil", "d/../../../x"])
+def test_remote_orbax_listing_cannot_reach_outside_the_copy(tmp_path, monkeypatch, entry):
+    """An object-store key with ".." in it is refused before the directory is copied.
+
+    fsspec's memory filesystem holds such keys as they are and lists them under
+    the checkpoint; each one here would land beside the temporary copy's
+    directory if the listing were copied unchecked.
+    """
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    fs = fsspec.filesystem("memory")
+    root, path = f"/crafted/{tmp_path.name}", f"memory://crafted/{tmp_path.name}"
+    fs.pipe(common.join(root, "_METADATA"), b"{}")
+    fs.pipe(common.join(root, entry), b"bait")
+    assert common.join(root, entry) in fs.find(root)  # the listing does hold the crafted key
+    before = _tree(tmp_path)
+    try:
+        with pytest.raises(
+            checkpoint.CheckpointError,
+            match=re.escape(f"{path}: entry {entry!r} has a '..' component"),
+        ):
+            checkpoint.load_checkpoint(path)
+    finally:
+        fs.rm(root, recursive=True)
+    assert _tree(tmp_path) == before and not os.listdir(scratch)
+
+
+def test_local_orbax_link_out_of_the_checkpoint_is_refused(tmp_path):
+    # A local orbax directory is read in place: a link inside it to a file outside would
+    # make orbax read that file. Links that stay inside (or a linked root) are fine.
+    config = CONFIGS["hawk"]
+    params = testing.random_params(config, seed=11)
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(str(path), config, params)
+    (path / "notes.txt").symlink_to(path / "config.json")
+    (tmp_path / "alias").symlink_to(path, target_is_directory=True)
+    _assert_trees_equal(checkpoint.load_checkpoint(str(tmp_path / "alias"))[1], params)
+
+    (tmp_path / "secret").write_bytes(b"not a checkpoint")
+    (path / "d" / "leak").symlink_to(tmp_path / "secret")
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=re.escape(f"{path}: entry {os.path.join('d', 'leak')!r} is a link to "),
+    ):
+        checkpoint.load_checkpoint(str(path))
 
 
 # ---------------------------------------------------------------------------------------------
