@@ -22,6 +22,8 @@ class RequestError(ValueError):
 # top-k and token counts are int32 on device; a request beyond these is rejected
 # on its own instead of overflowing inside a batch that other requests share.
 INT32_MAX = 2**31 - 1
+SEED_MAX = 2**64 - 1
+"""Seeds are 64-bit on device (``griffin_batch.model.sampling``)."""
 MAX_SAMPLES = 4096
 """Most samples (``n``) one request may ask for."""
 MAX_STOP_STRINGS = 16
@@ -38,8 +40,9 @@ class SamplingParams:
       temperature: 0 means greedy; otherwise logits are divided by it.
       top_k: Keep only the k most likely tokens (None: all).
       top_p: Nucleus sampling mass in (0, 1] (None: 1).
-      seed: Seed of this request's random stream. The stream depends only on
-        (seed, sample index, token index), never on batch mates or worker.
+      seed: Seed of this request's random stream, in [0, 2**64). The stream
+        depends only on (seed, sample index, token index), never on batch
+        mates or worker.
       stop: Strings that end generation when they appear in the decoded text;
         the completion is cut before the stop string.
       stop_token_ids: Token ids that end generation (EOS and <end_of_turn> are
@@ -75,8 +78,8 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.n) or not 0 < self.n <= MAX_SAMPLES:
             raise RequestError(f"n must be an integer in [1, {MAX_SAMPLES}], got {self.n!r}")
-        if not _is_int(self.seed):
-            raise RequestError(f"seed must be an integer, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX:
+            raise RequestError(f"seed must be an integer in [0, {SEED_MAX}], got {self.seed!r}")
         if not isinstance(self.logprobs, bool):
             raise RequestError(f"logprobs must be true or false, got {self.logprobs!r}")
         if len(self.stop) > MAX_STOP_STRINGS or any(

@@ -3,7 +3,10 @@
 Every row carries its own parameters, so requests with different sampling
 settings share one compiled decode step. The random stream of a row depends
 only on (seed, sample index, token index): a retried or resumed request draws
-exactly the same numbers whatever its batch mates.
+exactly the same numbers whatever its batch mates. Seeds are 64-bit: the two
+32-bit words of a seed are the threefry key itself, so distinct seeds give
+distinct streams (a job derives one per row, and a billion rows would collide
+in a 32-bit seed space).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Integer
+from jaxtyping import Array, Float, Integer, UInt32
 
 
 @flax.struct.dataclass
@@ -22,23 +25,29 @@ class RowParams:
       temperature: 0 means greedy.
       top_k: 0 means no top-k filtering.
       top_p: 1 means no nucleus filtering.
-      seed: the request's seed.
+      seed: the request's 64-bit seed as two uint32 words, high word first.
       sample_index: which of the request's n samples the row produces.
     """
 
     temperature: Float[Array, "b"]
     top_k: Integer[Array, "b"]
     top_p: Float[Array, "b"]
-    seed: Integer[Array, "b"]
+    seed: UInt32[Array, "b 2"]
     sample_index: Integer[Array, "b"]
 
 
-def token_keys(seed: jax.Array, sample_index: jax.Array, token_index: jax.Array) -> jax.Array:
+def seed_words(seed: int) -> tuple[int, int]:
+    """A seed in [0, ``requests.SEED_MAX``] as its (high, low) uint32 words, the layout of ``RowParams.seed``."""
+    return seed >> 32, seed & 0xFFFFFFFF
+
+
+def token_keys(seed: UInt32[Array, "b 2"], sample_index: Integer[Array, "b"],
+               token_index: Integer[Array, "b"]) -> jax.Array:
     """The PRNG key of each row's ``token_index``-th generated token; shape [b]."""
 
     def one(s, i, t):
-        key = jax.random.fold_in(jax.random.key(s.astype(jnp.uint32)), i)
-        return jax.random.fold_in(key, t)
+        key = jax.random.wrap_key_data(s.astype(jnp.uint32), impl="threefry2x32")
+        return jax.random.fold_in(jax.random.fold_in(key, i), t)
 
     return jax.vmap(one)(seed, sample_index, token_index)
 

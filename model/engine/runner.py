@@ -25,7 +25,7 @@ from griffin_batch.model.config import GriffinConfig
 from griffin_batch.model.engine.output_processor import SampleState
 from griffin_batch.model.engine.scheduler import DecodePlan, PrefillPlan, pow2_at_least
 from griffin_batch.model.engine_config import EngineConfig
-from griffin_batch.model.sampling import RowParams, sample_tokens
+from griffin_batch.model.sampling import RowParams, sample_tokens, seed_words
 
 MIN_CHUNK = 16  # smallest prefill chunk bucket
 MIN_GROUP = 2  # smallest prefill group (see PrefillGroup)
@@ -89,7 +89,8 @@ def _row_params(samples: Sequence[SampleState | None]) -> RowParams:
         temperature=col(lambda p: p.temperature, np.float32, 0.0),
         top_k=col(lambda p: p.top_k or 0, np.int32, 0),
         top_p=col(lambda p: 1.0 if p.top_p is None else p.top_p, np.float32, 1.0),
-        seed=col(lambda p: p.seed & 0xFFFFFFFF, np.uint32, 0),
+        seed=np.array([seed_words(s.params.seed) if s else (0, 0) for s in samples],
+                      np.uint32).reshape(len(samples), 2),
         sample_index=np.array([s.sample_index if s else 0 for s in samples], np.int32),
     )
 

@@ -28,6 +28,8 @@ from griffin_batch.model.requests import (
         ("top_p", math.nan),
         ("n", MAX_SAMPLES + 1),
         ("seed", 1.5),
+        ("seed", -1),  # seeds are 64-bit unsigned on device
+        ("seed", 2**64),
         ("logprobs", "yes"),
         ("stop", ("",)),
         ("stop", ("x" * 2000,)),
@@ -42,4 +44,4 @@ def test_each_invalid_field_is_named(field, value):
 
 def test_the_limits_themselves_are_accepted():
     SamplingParams(max_tokens=INT32_MAX, top_k=INT32_MAX, top_p=1.0, n=MAX_SAMPLES,
-                   seed=-(2**70), stop=("x" * 1024,) * MAX_STOP_STRINGS).validate(vocab_size=8)
+                   seed=2**64 - 1, stop=("x" * 1024,) * MAX_STOP_STRINGS).validate(vocab_size=8)

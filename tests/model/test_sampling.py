@@ -27,7 +27,7 @@ def rows(n, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, sample_index=0) -> R
         temperature=col(temperature, jnp.float32),
         top_k=col(top_k, jnp.int32),
         top_p=col(top_p, jnp.float32),
-        seed=col(seed, jnp.uint32),
+        seed=jnp.broadcast_to(jnp.asarray(sampling.seed_words(seed), jnp.uint32), (n, 2)),
         sample_index=col(sample_index, jnp.int32),
     )
 
@@ -119,7 +119,7 @@ def test_a_row_draws_the_same_whatever_its_batch_mates():
     mixed = stack(me, rows(1, top_k=2))
     tokens, _ = sample_tokens(
         jnp.broadcast_to(logits_row, (2 * n, VOCAB)),
-        jax.tree.map(lambda x: jnp.repeat(x, n), mixed),
+        jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), mixed),
         jnp.concatenate([jnp.arange(n), jnp.arange(n)]).astype(jnp.int32),
     )
     np.testing.assert_array_equal(np.asarray(tokens[:n]), mine)
@@ -135,7 +135,7 @@ def test_unfiltered_row_keeps_every_token_beside_a_filtering_row():
 
 
 def test_random_stream_depends_only_on_seed_sample_and_index():
-    seeds = jnp.array([1, 1, 2, 1], jnp.uint32)
+    seeds = jnp.array([sampling.seed_words(s) for s in (1, 1, 2, 1)], jnp.uint32)
     samples = jnp.array([0, 1, 0, 0], jnp.int32)
     index = jnp.array([3, 3, 3, 4], jnp.int32)
     keys = jax.random.key_data(token_keys(seeds, samples, index))
@@ -147,6 +147,9 @@ def test_random_stream_depends_only_on_seed_sample_and_index():
     assert (a == draws(logits, rows(DRAWS, seed=1))).all()
     assert (a != draws(logits, rows(DRAWS, seed=2))).mean() > 0.5
     assert (a != draws(logits, rows(DRAWS, seed=1, sample_index=1))).mean() > 0.5
+    # All 64 bits count: seeds equal in their low word draw differently.
+    assert (a != draws(logits, rows(DRAWS, seed=1 + 2**32))).mean() > 0.5
+    assert (a != draws(logits, rows(DRAWS, seed=2**64 - 1))).mean() > 0.5
 
 
 def test_logprobs_are_of_the_untempered_unfiltered_model():
