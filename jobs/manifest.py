@@ -5,10 +5,18 @@ Layout::
     <output>/part-<shard id>.parquet     one per committed shard, written by the driver only
     <output>/_attempts/                  workers' attempt files, not yet promoted
     <output>/_progress/                  row-level progress of shards still running
+    <output>/_temporary/                 small files staged before their rename (local disks)
     <output>/_manifest/plan.json         the plan and the options that decide outputs
     <output>/_manifest/commits/<id>.json one small record per committed shard
     <output>/_manifest/lease.json        which driver holds the directory, and until when
     <output>/summary.json, _SUCCESS      written at the end
+
+The output is never the root of a bucket or of a file system, and never holds
+an input file (refused on every run, before the directory is touched).
+``--overwrite`` deletes only what an earlier run wrote: the names above, with
+``part-`` files only for the shards of the plan saved in ``_manifest/plan.json``.
+A directory without that plan, or with any other entry, is refused, naming
+what is foreign, before anything is deleted.
 
 Exactly once, verified:
 
@@ -28,9 +36,10 @@ Exactly once, verified:
 * **Resume re-verifies.** Every committed part is checked against its record
   (size, footer rows, SHA-256 of the whole file); one that is missing or
   differs loses its file and record, with a warning naming what differed, and
-  is redone like every shard without a record. ``part-`` files without a
-  record, ``_attempts/``, ``_temporary/``, ``summary.json`` and ``_SUCCESS``
-  are removed; ``_manifest/`` and ``_progress/`` are kept. Version-1 records
+  is redone like every shard without a record. The plan's ``part-`` files
+  without a record, ``_attempts/``, ``_temporary/``, ``summary.json`` and
+  ``_SUCCESS`` are removed; ``_manifest/`` and ``_progress/`` are kept, and so
+  is anything this tool does not write. Version-1 records
   (written before attempt files: no size, no checksum) are verified by what
   they hold, that the file exists and its footer has the recorded row count,
   so a job started by the older code resumes without redoing its work.
@@ -66,6 +75,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from griffin_batch.actors import output, shards
 from griffin_batch.jobs import config as config_lib
@@ -96,6 +106,16 @@ VERIFY_THREADS = 8
 # Left by an interrupted run, removed on resume (with ``part-`` files without a record).
 _STRAYS = (output.TEMP_DIR, output.ATTEMPTS_DIR, SUCCESS_FILE, SUMMARY_FILE)
 
+# What a run writes directly in its output besides its parts; ``--overwrite`` may delete these.
+_RUN_NAMES = frozenset({*_STRAYS, shards.PROGRESS_DIR, MANIFEST_DIR})
+_MANIFEST_NAMES = frozenset(posixpath.basename(f) for f in (PLAN_FILE, COMMITS_DIR, LEASE_FILE))
+
+# Local file systems (and memory://) have one root; on every other protocol the
+# first path component is a bucket, a container or a host.
+_SINGLE_ROOT_PROTOCOLS = frozenset({None, "file", "local", "memory"})
+
+_NAMES_SHOWN = 5
+
 
 class LeaseLost(config_lib.JobInputError):
     """Another driver holds this driver's output directory now; this one must stop writing."""
@@ -121,12 +141,19 @@ class OutputDir:
       holder: This driver's lease holder id.
 
     Raises:
-      JobInputError: The URL names no usable file system.
+      JobInputError: The URL names no usable file system, or the root of a
+        bucket or file system.
     """
 
     def __init__(
         self, url: str, *, lease_ttl_s: float = LEASE_TTL_S, lease_renew_s: float = LEASE_RENEW_S
     ):
+        if _is_root(url):  # decided from the URL alone: no network, nothing touched
+            raise config_lib.JobInputError(
+                f"--output {url} is the root of a bucket or file system; refused so that no run "
+                "(nor --overwrite) can fill or empty it: name a directory of the job's own, "
+                f"e.g. {url.rstrip('/')}/<job name>"
+            )
         try:
             self.fs, path = fsspec.core.url_to_fs(url)
         except (ValueError, ImportError) as e:
@@ -168,32 +195,35 @@ class OutputDir:
         """Takes the lease and readies the directory for a run; returns the shards already committed.
 
         A fresh job needs an empty or missing directory (or ``overwrite``); a
-        resumed one needs the same plan and output-deciding options. The lease
-        is held from here until ``release``.
+        resumed one needs the same plan and output-deciding options. Every check
+        runs before anything is written or deleted. The lease is held from here
+        until ``release``.
 
         Raises:
-          JobInputError: Another driver holds the directory; or it is not
-            empty, belongs to a different job, or cannot be written (the
-            message says which and what to pass).
+          JobInputError: Another driver holds the directory; or it holds an input
+            file, is not empty, belongs to a different job, holds files this tool
+            did not write (``overwrite``), or cannot be written (the message says
+            which and what to pass).
         """
         try:
+            self._refuse_inputs_inside(plan)
             existing = self.entries()
             if existing:
                 self._refuse_if_leased()
             if existing and not resume and not overwrite:
                 raise config_lib.JobInputError(
-                    f"output {self.url} is not empty (it holds {', '.join(existing[:3])}"
-                    f"{', ...' if len(existing) > 3 else ''}); pass --resume to continue the job "
-                    "recorded there or --overwrite to replace it"
+                    f"output {self.url} is not empty (it holds {_some(existing, 3)}); pass "
+                    "--resume to continue the job recorded there or --overwrite to replace it"
                 )
             resuming = bool(existing) and not overwrite
             if resuming:  # read-only checks first: a refusal leaves no trace
                 _check_same_job(self.url, self._saved_plan(existing), plan, fingerprint)
+            doomed = self._previous_run(existing) if existing and overwrite else []
             self._take_lease()
             try:
-                if existing and overwrite:
-                    self._clear()
-                committed = self._resume() if resuming else {}
+                for name in doomed:
+                    self._remove(self._join(name))
+                committed = self._resume(plan) if resuming else {}
                 if not resuming:
                     self._write_plan(plan, fingerprint)
             except BaseException:
@@ -203,6 +233,17 @@ class OutputDir:
             return committed
         except OSError as e:
             raise config_lib.JobInputError(f"output {self.url} is not writable: {e}") from None
+
+    def _refuse_inputs_inside(self, plan: planner.JobPlan) -> None:
+        """Refuses an output that holds an input file, which ``--overwrite`` would delete."""
+        out = _normal_path(self.fs, self.path)
+        for f in plan.files:
+            path = _path_on(self.fs, f.url)
+            if path is not None and (path == out or path.startswith(out.rstrip("/") + "/")):
+                raise config_lib.JobInputError(
+                    f"output {self.url} holds the input file {f.url}; a job never writes where it "
+                    "reads: choose an --output outside the inputs' directories"
+                )
 
     def _write_plan(self, plan: planner.JobPlan, fingerprint: Mapping[str, Any]) -> None:
         if output.has_atomic_rename(self.fs):
@@ -215,26 +256,56 @@ class OutputDir:
         }
         self._put(PLAN_FILE, record)
 
-    def _clear(self) -> None:
-        """Removes everything but the lease (``--overwrite``)."""
-        for name in self.entries():
-            if name != MANIFEST_DIR:
-                self.fs.rm(self._join(name), recursive=True)
-        lease = posixpath.basename(LEASE_FILE)
-        for path in self.fs.ls(self._join(MANIFEST_DIR), detail=False):
-            if posixpath.basename(path.rstrip("/")) != lease:
-                self.fs.rm(path, recursive=True)
+    def _previous_run(self, existing: list[str]) -> list[str]:
+        """What ``--overwrite`` deletes: the entries an earlier run wrote, all but the lease.
+
+        Raises:
+          JobInputError: The directory holds anything else, or no readable plan
+            to tell the earlier run's part files by. Nothing is deleted.
+        """
+        in_manifest = self._names_in(MANIFEST_DIR) if MANIFEST_DIR in existing else []
+        plan_name = posixpath.basename(PLAN_FILE)
+        lease_name = posixpath.basename(LEASE_FILE)
+        if plan_name in in_manifest:
+            parts = _part_names(self._saved_plan(existing))
+            ours, ours_in_manifest = _RUN_NAMES | parts, _MANIFEST_NAMES
+        else:  # at most a start interrupted before its plan was written
+            ours, ours_in_manifest = {MANIFEST_DIR, output.TEMP_DIR}, {lease_name}
+        foreign = [n for n in existing if n not in ours]
+        foreign += [f"{MANIFEST_DIR}/{n}" for n in in_manifest if n not in ours_in_manifest]
+        if foreign:
+            why = "" if plan_name in in_manifest else f", and no job manifest ({PLAN_FILE})"
+            raise config_lib.JobInputError(
+                f"--overwrite refused: output {self.url} holds files this tool did not write: "
+                f"{_some(foreign, _NAMES_SHOWN)}{why}; nothing was deleted. Remove them "
+                "yourself or choose another --output"
+            )
+        doomed = [n for n in existing if n != MANIFEST_DIR]
+        return doomed + [f"{MANIFEST_DIR}/{n}" for n in in_manifest if n != lease_name]
+
+    def _names_in(self, name: str) -> list[str]:
+        """Names directly inside ``name`` (its own name when it is a file)."""
+        paths = self.fs.ls(self._join(name), detail=False)
+        return sorted(posixpath.basename(p.rstrip("/")) for p in paths)
 
     def _saved_plan(self, existing: list[str]) -> dict[str, Any]:
         try:
-            return json.loads(self.fs.cat_file(self._join(PLAN_FILE)))
+            saved = json.loads(self.fs.cat_file(self._join(PLAN_FILE)))
+            _part_names(saved)
         except FileNotFoundError:
             raise config_lib.JobInputError(
-                f"output {self.url} holds {', '.join(existing[:3])} but no job manifest "
-                f"({PLAN_FILE}); it was not written by this job, pass --overwrite to replace it"
+                f"output {self.url} holds {_some(existing, 3)} but no job manifest "
+                f"({PLAN_FILE}); this tool did not write it: choose another --output, "
+                "or empty it yourself"
             ) from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise config_lib.JobInputError(
+                f"output {self.url}: its job manifest {PLAN_FILE} is unreadable ({e!r}); "
+                "choose another --output, or empty it yourself"
+            ) from None
+        return saved
 
-    def _resume(self) -> dict[str, shards.ShardResult]:
+    def _resume(self, plan: planner.JobPlan) -> dict[str, shards.ShardResult]:
         """Keeps the committed parts that match their records, removes the rest of the old run's work."""
         committed = self.committed()
         listing = self._listing()
@@ -251,9 +322,9 @@ class OutputDir:
                 self.fs.rm(self._join(name), recursive=True)
                 del listing[name]
             del committed[shard_id]
-        keep = {output.part_name(s) for s in committed}
+        redo = {output.part_name(s.shard_id) for s in plan.shards if s.shard_id not in committed}
         for name in listing:  # partial work of the interrupted run; _manifest, _progress stay
-            if (name.startswith("part-") and name not in keep) or name in _STRAYS:
+            if name in redo or name in _STRAYS:
                 self.fs.rm(self._join(name), recursive=True)
         return committed
 
@@ -533,6 +604,43 @@ def _check_same_job(
             f"cannot resume {url}: the inputs changed since the job was planned "
             f"(files/rows that differ: {diff[:5] or 'row groups'}); pass --overwrite to start over"
         )
+
+
+def _is_root(url: str) -> bool:
+    """Whether ``url`` names a bucket, container or file-system root, from the text alone."""
+    protocol, rest = fsspec.core.split_protocol(url.rsplit("::", 1)[-1])
+    if protocol in _SINGLE_ROOT_PROTOCOLS:
+        if protocol == "memory":
+            return not rest.strip("/")
+        return os.path.realpath(rest or ".") == os.path.realpath(os.sep)
+    return "/" not in rest.strip("/")
+
+
+def _path_on(fs: fsspec.AbstractFileSystem, url: str) -> str | None:
+    """``url``'s normalised path on ``fs``; None when it lies on another kind of file system."""
+    protocol, _ = fsspec.core.split_protocol(url)
+    try:
+        cls = fsspec.get_filesystem_class(protocol or "file")
+    except (ValueError, ImportError):
+        return None
+    if not isinstance(fs, cls):
+        return None
+    return _normal_path(fs, cls._strip_protocol(url))
+
+
+def _normal_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    if isinstance(fs, LocalFileSystem):  # symlinks and ``..`` resolved: one file, one name
+        return os.path.realpath(path)
+    return path.rstrip("/") or path
+
+
+def _part_names(saved: Mapping[str, Any]) -> set[str]:
+    """The part files a run with this saved plan could have written."""
+    return {output.part_name(str(s["shard_id"])) for s in saved["plan"]["shards"]}
+
+
+def _some(names: list[str], shown: int) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def _stopped_here(lease: Mapping[str, Any]) -> bool:

@@ -40,6 +40,15 @@ def test_non_empty_output(capsys, tmp_path, good_input):
     assert "is not empty" in err and "--resume" in err and "--overwrite" in err
 
 
+def test_overwrite_never_deletes_the_input_or_a_bucket(capsys, tmp_path, good_input):
+    (tmp_path / "notes.txt").write_text("mine")  # beside the input, in.parquet
+    code, err = _run(capsys, "--input", good_input, "--output", str(tmp_path), "--overwrite")
+    assert code == generate.EXIT_BAD_INPUT and f"holds the input file {good_input}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "notes.txt"]
+    code, err = _run(capsys, "--input", good_input, "--output", "gs://bucket", "--overwrite")
+    assert code == generate.EXIT_BAD_INPUT and "gs://bucket is the root of a bucket" in err
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -1,4 +1,6 @@
-"""The output directory: refusal, overwrite, resume, commit records, the lease (local disk).
+"""The output directory: refusal, overwrite, resume, commit records, the lease.
+
+Local disk, and memory:// where a test says so.
 
 The same protocol on object stores, late writers and tampered parts: test_exactly_once.py.
 """
@@ -8,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import fsspec
 import pyarrow as pa
@@ -64,10 +67,7 @@ def test_non_empty_output_is_refused_without_resume_or_overwrite(tmp_path, plan)
         out.prepare(plan, FINGERPRINT, resume=False, overwrite=False)
     with pytest.raises(config_lib.JobInputError, match="no job manifest"):
         out.prepare(plan, FINGERPRINT, resume=True, overwrite=False)
-    assert out.prepare(plan, FINGERPRINT, resume=False, overwrite=True) == {}
-    assert "notes.txt" not in out.entries() and manifest.MANIFEST_DIR in out.entries()
-    out.release()
-    assert not (tmp_path / "out" / manifest.LEASE_FILE).exists()
+    assert out.entries() == ["notes.txt"]
 
 
 def test_resume_keeps_commits_and_clears_partial_work(tmp_path, plan):
@@ -130,20 +130,166 @@ def test_version_1_records_are_verified_by_row_count(tmp_path, plan):
     assert not (tmp_path / "out" / "part-00001.parquet").exists()
 
 
-def test_overwrite_keeps_only_the_new_lease(tmp_path, plan):
-    out = manifest.OutputDir(str(tmp_path / "out"))
+def _write(out: manifest.OutputDir, name: str, data: bytes = b"") -> None:
+    path = f"{out.path}/{name}"
+    out.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    out.fs.pipe_file(path, data)
+
+
+def _previous_run(out: manifest.OutputDir, plan: planner.JobPlan) -> list[str]:
+    """A finished run's directory, with every kind of entry a run writes; returns its entries."""
     out.prepare(plan, FINGERPRINT, resume=False, overwrite=False)
     _commit(out, "00000")
+    _attempt(out, "00001")  # a late writer's attempt
+    _write(out, f"{shards.PROGRESS_DIR}/00002/state.json", b"{}")
+    _write(out, f"{output.TEMP_DIR}/x.tmp", b"")
+    _write(out, manifest.SUMMARY_FILE, b"{}")
+    _write(out, manifest.SUCCESS_FILE)
     out.release()
+    return out.entries()
+
+
+def test_overwrite_deletes_the_previous_runs_files_and_keeps_only_the_new_lease(tmp_path, plan):
+    out = manifest.OutputDir(str(tmp_path / "out"))
+    assert len(_previous_run(out, plan)) == 7
     again = manifest.OutputDir(out.url)
     assert again.prepare(plan, FINGERPRINT, resume=False, overwrite=True) == {}
-    assert not (tmp_path / "out" / "part-00000.parquet").exists()
+    # _temporary/ staged the new lease and plan
+    assert again.entries() == [manifest.MANIFEST_DIR, output.TEMP_DIR]
     kept = sorted(p.name for p in (tmp_path / "out" / manifest.MANIFEST_DIR).iterdir())
     assert kept == ["lease.json", "plan.json"]
     lease = json.loads((tmp_path / "out" / manifest.LEASE_FILE).read_text())
     assert lease["holder"] == again.holder
     again.release()
     assert not (tmp_path / "out" / manifest.LEASE_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    ["notes.txt", "part-99999.parquet", "prompts.parquet", f"{manifest.MANIFEST_DIR}/mine.json"],
+)
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_overwrite_refuses_a_run_directory_with_foreign_files_and_deletes_nothing(
+    tmp_path, plan, foreign, where
+):
+    url = str(tmp_path / "out") if where == "local" else f"memory://ow-{uuid.uuid4().hex[:8]}/out"
+    out = manifest.OutputDir(url)
+    before = sorted([*_previous_run(out, plan), foreign.split("/")[0]])
+    _write(out, foreign, b"not the tool's")
+    before_manifest = out._names_in(manifest.MANIFEST_DIR)
+    with pytest.raises(
+        config_lib.JobInputError,
+        match=rf"--overwrite refused: output {out.url} holds files this tool did not write: "
+        rf"{foreign}; nothing was deleted. Remove them yourself or choose another --output",
+    ):
+        manifest.OutputDir(url).prepare(plan, FINGERPRINT, resume=False, overwrite=True)
+    assert out.entries() == sorted(set(before))
+    assert out._names_in(manifest.MANIFEST_DIR) == before_manifest
+    assert out.fs.cat_file(f"{out.path}/{foreign}") == b"not the tool's"
+    assert sorted(out.committed()) == ["00000"]
+    if where == "memory":
+        out.fs.rm(out.path, recursive=True)
+
+
+def test_overwrite_refuses_a_directory_without_a_job_manifest(tmp_path, plan):
+    (tmp_path / "out").mkdir()
+    for name in ("data.parquet", manifest.SUCCESS_FILE, "part-00000.parquet"):
+        (tmp_path / "out" / name).write_text("someone else's")
+    out = manifest.OutputDir(str(tmp_path / "out"))
+    with pytest.raises(
+        config_lib.JobInputError,
+        match=r"holds files this tool did not write: _SUCCESS, data.parquet, part-00000.parquet, "
+        r"and no job manifest \(_manifest/plan.json\); nothing was deleted",
+    ):
+        out.prepare(plan, FINGERPRINT, resume=False, overwrite=True)
+    assert out.entries() == [manifest.SUCCESS_FILE, "data.parquet", "part-00000.parquet"]
+    assert not (tmp_path / "out" / manifest.MANIFEST_DIR).exists()  # no lease taken either
+
+
+def test_overwrite_accepts_a_start_interrupted_before_its_plan(tmp_path, plan):
+    (tmp_path / "out" / manifest.MANIFEST_DIR).mkdir(parents=True)
+    (tmp_path / "out" / output.TEMP_DIR).mkdir()
+    (tmp_path / "out" / manifest.LEASE_FILE).write_text("{}")  # unreadable: ignored
+    out = manifest.OutputDir(str(tmp_path / "out"))
+    assert out.prepare(plan, FINGERPRINT, resume=False, overwrite=True) == {}
+    assert (tmp_path / "out" / manifest.PLAN_FILE).exists()
+    out.release()
+
+
+def test_an_empty_or_missing_output_with_overwrite_is_a_fresh_run(tmp_path, plan):
+    (tmp_path / "empty").mkdir()
+    for name in ("empty", "missing"):
+        out = manifest.OutputDir(str(tmp_path / name))
+        assert out.prepare(plan, FINGERPRINT, resume=False, overwrite=True) == {}
+        assert (tmp_path / name / manifest.PLAN_FILE).exists()
+        out.release()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"resume": False, "overwrite": False},
+        {"resume": False, "overwrite": True},
+        {"resume": True, "overwrite": False},
+    ],
+)
+def test_an_output_holding_an_input_file_is_refused(tmp_path, plan, flags):
+    inputs = tmp_path / "in"  # the plan's input: in/a.parquet
+    (inputs / "notes.txt").write_text("mine")
+    for url in (str(inputs), f"file://{inputs}/", str(tmp_path), str(inputs / "a.parquet")):
+        with pytest.raises(
+            config_lib.JobInputError,
+            match=rf"holds the input file {plan.files[0].url}; a job never writes where it reads",
+        ):
+            manifest.OutputDir(url).prepare(plan, FINGERPRINT, **flags)
+    assert sorted(p.name for p in inputs.iterdir()) == ["a.parquet", "notes.txt"]
+    (tmp_path / "link").symlink_to(inputs)
+    with pytest.raises(config_lib.JobInputError, match="holds the input file"):
+        manifest.OutputDir(str(tmp_path / "link")).prepare(plan, FINGERPRINT, **flags)
+
+
+def test_an_output_beside_the_inputs_is_accepted(tmp_path, plan):
+    """Only an output that holds an input is refused: one inside an input's directory is fine."""
+    memory = f"memory://beside-{uuid.uuid4().hex[:8]}"
+    for url in (str(tmp_path / "in-out"), str(tmp_path / "in" / "out"), f"{memory}/in/out"):
+        out = manifest.OutputDir(url)
+        assert out.prepare(plan, FINGERPRINT, resume=False, overwrite=False) == {}
+        out.release()
+    out.fs.rm(memory.removeprefix("memory://"), recursive=True)
+
+
+def test_an_output_holding_an_input_file_on_memory_is_refused(write_parquet):
+    root = f"memory://overlap-{uuid.uuid4().hex[:8]}"
+    write_parquet(f"{root}/data/a.parquet", {"prompt": ["x"] * 3})
+    io = config_lib.IOConfig(inputs=(f"{root}/data",), output="unused", shard_rows=2)
+    plan = planner.plan(io, config_lib.SamplingConfig())
+    out = manifest.OutputDir(f"{root}/data/")
+    with pytest.raises(config_lib.JobInputError, match=r"holds the input file memory://"):
+        out.prepare(plan, FINGERPRINT, resume=False, overwrite=True)
+    assert out.entries() == ["a.parquet"]
+    out.fs.rm(out.path, recursive=True)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "gs://bucket",
+        "gs://bucket/",
+        "s3://bucket/",
+        "s3a://b",
+        "gcs://b//",
+        "/",
+        "file:///",
+        "memory://",
+        "memory:///",
+    ],
+)
+def test_a_bucket_or_file_system_root_is_refused_from_its_url(url):
+    with pytest.raises(
+        config_lib.JobInputError,
+        match=rf"--output {url} is the root of a bucket or file system; .* e.g. .*/<job name>",
+    ):
+        manifest.OutputDir(url)
 
 
 def test_resume_refuses_other_options_or_changed_inputs(tmp_path, plan, write_parquet):
