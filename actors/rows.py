@@ -8,19 +8,15 @@ request id), and ``assemble`` refuses to build output unless each
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from griffin_batch.actors import output, shards
+from griffin_batch.actors import columns, output, shards
 from griffin_batch.model import requests
-
-# Optional input columns that override the job's sampling parameters per row.
-OVERRIDE_COLUMNS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "n")
 
 
 class InputChangedError(RuntimeError):
@@ -33,7 +29,8 @@ class RowAccountingError(RuntimeError):
 
 def wanted_columns(options: shards.ShardOptions) -> list[str]:
     """Input columns a worker reads (those a file lacks are skipped)."""
-    names = [options.prompt_column, options.id_column, *options.keep_columns, *OVERRIDE_COLUMNS]
+    names = [options.prompt_column, options.id_column or "id", *options.keep_columns,
+             *options.sampling_columns.columns()]
     return list(dict.fromkeys(names))
 
 
@@ -74,7 +71,10 @@ def iter_windows(spec: shards.ShardSpec, options: shards.ShardOptions,
         return
     fs, path = fsspec.core.url_to_fs(spec.path)
     with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise _read_error(spec.path, e) from None
         names = set(pf.schema_arrow.names)
         if options.prompt_column not in names:
             raise InputChangedError(f"{spec.path}: column {options.prompt_column!r} is gone")
@@ -83,11 +83,11 @@ def iter_windows(spec: shards.ShardSpec, options: shards.ShardOptions,
                 f"{spec.path}: has {pf.num_row_groups} row groups, the plan reads "
                 f"{list(spec.row_groups)}; the file changed since the job was planned"
             )
-        columns = [c for c in wanted_columns(options) if c in names]
+        wanted = [c for c in wanted_columns(options) if c in names]
         skip, left = spec.offset, spec.num_rows
         batches = pf.iter_batches(batch_size=window_rows, row_groups=list(spec.row_groups),
-                                  columns=columns)
-        for batch in batches:
+                                  columns=wanted)
+        for batch in _named_errors(spec.path, batches):
             if skip >= batch.num_rows:
                 skip -= batch.num_rows
                 continue
@@ -101,6 +101,24 @@ def iter_windows(spec: shards.ShardSpec, options: shards.ShardOptions,
             f"{spec.path}: read {spec.num_rows - left} rows where the plan has {spec.num_rows}; "
             "the file changed since the job was planned"
         )
+
+
+class InputReadError(RuntimeError):
+    """The shard's rows cannot be read (a corrupt page, a truncated file); names the file."""
+
+
+def _named_errors(path: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """``batches``, with a decoding error raised as one that names the file."""
+    try:
+        yield from batches
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise _read_error(path, e) from None
+
+
+def _read_error(path: str, error: BaseException) -> InputReadError:
+    # One line: Ray reports the last line of a remote traceback as the cause.
+    return InputReadError(f"cannot read input {path}: {type(error).__name__}: "
+                          f"{' '.join(str(error).split())}")
 
 
 def request_id(spec: shards.ShardSpec, attempt: int, row: int) -> str:
@@ -149,20 +167,21 @@ def prepare(
       first: Index within the shard of ``table``'s first row.
     """
     ids = row_ids(table, spec, options.id_column, first)
-    prompts = table.column(options.prompt_column).to_pylist()
-    overrides = {
-        c: table.column(c).to_pylist() for c in OVERRIDE_COLUMNS if c in table.column_names
-    }
+    prompts = columns.values(table.column(options.prompt_column))
+    overrides = columns.row_overrides(table, options.sampling_columns)
     out = Prepared(ids=ids, requests=[], rejected=[], samples=[])
     for i, prompt in enumerate(prompts):
         rid = request_id(spec, attempt, first + i)
         try:
-            params = row_params(options.sampling, {c: v[i] for c, v in overrides.items()})
+            params = columns.apply_overrides(options.sampling, overrides[i])
         except requests.RequestError as e:
             _reject(out, rid, 1, str(e))  # n itself may be what is invalid
             continue
+        if "seed" not in overrides[i]:  # a row's own seed pins it; else its id decides
+            params = dataclasses.replace(
+                params, seed=columns.row_seed(options.sampling.seed, ids[i]))
         try:
-            text = _prompt_text(prompt)
+            text = columns.text_of(options.prompt_column, prompt)
         except requests.RequestError as e:
             _reject(out, rid, params.n, str(e))
             continue
@@ -181,87 +200,22 @@ def _reject(out: Prepared, rid: str, n: int, message: str) -> None:
     )
 
 
-def row_ids(table: pa.Table, spec: shards.ShardSpec, id_column: str, first: int = 0) -> list[str]:
-    """Each row's id: the id column's value, else ``<file_key>#<row index in file>``.
+def row_ids(table: pa.Table, spec: shards.ShardSpec, id_column: str | None,
+            first: int = 0) -> list[str]:
+    """Each row's id: the id column's value as text, else ``<file_key>#<row index in file>``.
 
-    ``first``: index within the shard of ``table``'s first row.
+    Args:
+      table: The rows.
+      spec: Their shard.
+      id_column: The id column; None: ``id`` where the file has one.
+      first: Index within the shard of ``table``'s first row.
     """
     fallback = [f"{spec.file_key}#{spec.first_row + first + i}" for i in range(table.num_rows)]
-    if id_column not in table.column_names:
+    column = id_column or "id"
+    if column not in table.column_names:
         return fallback
-    values = table.column(id_column).to_pylist()
-    return [fb if v is None else _id_text(v) for v, fb in zip(values, fallback, strict=True)]
-
-
-def _id_text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return str(value)
-
-
-def _prompt_text(prompt: Any) -> str:
-    if prompt is None:
-        raise requests.RequestError("prompt is null")
-    if not isinstance(prompt, str):
-        raise requests.RequestError(f"prompt must be text, got {type(prompt).__name__}")
-    if not prompt.strip():
-        raise requests.RequestError("prompt is empty")
-    return prompt
-
-
-def row_params(
-    defaults: requests.SamplingParams, overrides: Mapping[str, Any]
-) -> requests.SamplingParams:
-    """``defaults`` with the row's non-null override columns applied, validated.
-
-    Raises:
-      RequestError: An override has the wrong type or an invalid value (named).
-    """
-    changes = {}
-    for name, value in overrides.items():
-        if value is None:
-            continue
-        changes[name] = _coerce(name, value)
-    params = dataclasses.replace(defaults, **changes)
-    params.validate()
-    return params
-
-
-def _coerce(name: str, value: Any) -> Any:
-    if name == "stop":
-        if isinstance(value, str):
-            return (value,)
-        if isinstance(value, Iterable) and all(isinstance(s, str) for s in value):
-            return tuple(value)
-        raise requests.RequestError(f"stop must be a string or a list of strings, got {value!r}")
-    if name == "temperature" or name == "top_p":
-        return _as_float(name, value)
-    return _as_int(name, value)
-
-
-def _as_int(name: str, value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise requests.RequestError(f"{name} must be an integer, got {value!r}")
-
-
-def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise requests.RequestError(f"{name} must be a number, got {value!r}")
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        raise requests.RequestError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(result):
-        raise requests.RequestError(f"{name} must be a finite number, got {value!r}")
-    return result
+    values = columns.id_texts(table.column(column))
+    return [fb if v is None else v for v, fb in zip(values, fallback, strict=True)]
 
 
 def index_samples(samples_per_row: Sequence[int],

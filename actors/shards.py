@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from griffin_batch.actors import columns
 from griffin_batch.model import requests
 
 
@@ -61,11 +62,12 @@ class ShardOptions:
 
     Attributes:
       prompt_column: Input column holding the prompt text.
-      id_column: Input column holding row ids; files without it get
-        ``<file_key>#<row index>``.
+      id_column: Input column holding row ids; None: ``id`` where a file has
+        one. Rows without an id get ``<file_key>#<row index>``.
       keep_columns: Input columns copied to the output.
       chat: Wrap prompts in the instruction-tuned chat format.
-      sampling: Job-wide sampling parameters; per-row columns override them.
+      sampling: Job-wide sampling parameters; ``sampling_columns`` override them per row.
+      sampling_columns: The input columns that set sampling fields per row.
       with_sample_index: Add a ``sample_index`` column (more than one sample per row).
       output_dir: fsspec URL of the job's output directory.
       commit_on_driver: Return the encoded file instead of writing it (for
@@ -76,10 +78,11 @@ class ShardOptions:
     """
 
     prompt_column: str = "prompt"
-    id_column: str = "id"
+    id_column: str | None = None
     keep_columns: tuple[str, ...] = ()
     chat: bool = False
     sampling: requests.SamplingParams = requests.SamplingParams()
+    sampling_columns: columns.SamplingColumns = columns.SamplingColumns()
     with_sample_index: bool = False
     output_dir: str = ""
     commit_on_driver: bool = False

@@ -67,7 +67,8 @@ def job_config(inputs: str, out: str, slots: int, every_s: float):
     from griffin_batch.model.engine_config import EngineConfig
 
     return config_lib.JobConfig(
-        io=config_lib.IOConfig(inputs=(inputs,), output=out, shard_rows=SHARD_ROWS),
+        io=config_lib.IOConfig(inputs=(inputs,), output=out, shard_rows=SHARD_ROWS,
+                               sampling_columns=("max_tokens",)),
         model=config_lib.ModelConfig(engine=EngineConfig(num_slots=slots)),
         sampling=config_lib.SamplingConfig(temperature=0.0),
         cluster=config_lib.ClusterConfig(workers=1, accelerator="cpu"),

@@ -58,7 +58,8 @@ def time_job(inputs: str, out: str, shard_rows: int, slots: int) -> dict:
     from griffin_batch.model.engine_config import EngineConfig
 
     config = config_lib.JobConfig(
-        io=config_lib.IOConfig(inputs=(inputs,), output=out, shard_rows=shard_rows),
+        io=config_lib.IOConfig(inputs=(inputs,), output=out, shard_rows=shard_rows,
+                               sampling_columns=("max_tokens",)),
         model=config_lib.ModelConfig(engine=EngineConfig(num_slots=slots)),
         cluster=config_lib.ClusterConfig(workers=1, accelerator="cpu"),
         resume=config_lib.ResumeConfig(overwrite=True),

@@ -79,7 +79,7 @@ def job_config(inputs: str, out: str, checkpoint_every_s: float):
     from griffin_batch.jobs import config as config_lib
 
     return config_lib.JobConfig(
-        io=config_lib.IOConfig(inputs=(inputs,), output=out),
+        io=config_lib.IOConfig(inputs=(inputs,), output=out, sampling_columns=("max_tokens",)),
         sampling=config_lib.SamplingConfig(temperature=0.0),
         cluster=config_lib.ClusterConfig(workers=1, accelerator="cpu"),
         resume=config_lib.ResumeConfig(overwrite=True, checkpoint_every_s=checkpoint_every_s),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from griffin_batch.actors import output
+from griffin_batch.actors import columns, output
 from griffin_batch.cluster import faults, hardware
 from griffin_batch.model import requests
 from griffin_batch.model.engine_config import EngineConfig
@@ -32,14 +32,38 @@ class IOConfig:
     prompt_column: str = "prompt"
     """Input column holding the prompt text."""
 
-    id_column: str = "id"
-    """Input column holding row ids; files without it get ``<file name>#<row index>``."""
+    id_column: str | None = None
+    """Input column holding row ids, required in every file. None: ``id`` where a
+    file has one; rows without an id get ``<file name>#<row index>``."""
+
+    allow_duplicate_ids: bool = False
+    """Run a job whose row ids repeat (as text); by default the plan refuses it."""
+
+    sampling_columns: tuple[str, ...] = ()
+    """Input columns that set sampling fields per row: ``FIELD`` or ``FIELD=COLUMN``
+    (fields: ``columns.SAMPLING_FIELDS``). Unnamed columns never change sampling."""
+
+    sampling_params_column: str | None = None
+    """A struct column whose fields set sampling fields per row (Ray Data LLM's
+    ``sampling_params``)."""
 
     keep_columns: tuple[str, ...] = ()
     """Input columns copied to the output unchanged."""
 
     shard_rows: int = 1024
     """Most rows per shard (one output file each; the unit of retry and resume)."""
+
+    def sampling_overrides(self) -> columns.SamplingColumns:
+        """The per-row sampling columns.
+
+        Raises:
+          JobInputError: An entry names no sampling field, or a field or column twice.
+        """
+        try:
+            return columns.SamplingColumns.parse(self.sampling_columns,
+                                                 self.sampling_params_column)
+        except ValueError as e:
+            raise JobInputError(str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,7 +92,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
-    """Job-wide sampling parameters; input columns of the same names override them per row."""
+    """Job-wide sampling parameters; the columns ``IOConfig.sampling_columns`` names override them per row."""
 
     max_tokens: int = 256
     """Most tokens generated per sample."""
@@ -83,7 +107,8 @@ class SamplingConfig:
     """Nucleus mass in (0, 1] (None: 1)."""
 
     seed: int = 0
-    """Seed of each row's random stream (streams never depend on batch mates)."""
+    """Job seed: a row's stream is seeded by a hash of (this, its id), unless the
+    row sets its own seed (streams never depend on batch mates or workers)."""
 
     stop: tuple[str, ...] = ()
     """Strings that end a completion (cut before the string)."""
@@ -217,6 +242,7 @@ class JobConfig:
         return {
             "prompt_column": io.prompt_column,
             "id_column": io.id_column,
+            "sampling_columns": io.sampling_overrides().to_json(),
             "keep_columns": list(io.keep_columns),
             "shard_rows": io.shard_rows,
             "checkpoint": m.checkpoint or "<demo>",
@@ -249,6 +275,9 @@ def _validate_io(io: IOConfig) -> None:
         )
     if len(set(io.keep_columns)) != len(io.keep_columns):
         raise JobInputError(f"--keep-columns lists a column twice: {list(io.keep_columns)}")
+    if io.id_column is not None and not io.id_column:
+        raise JobInputError("--id-column must not be empty")
+    io.sampling_overrides()
 
 
 def _validate_model(m: ModelConfig) -> None:

@@ -76,7 +76,7 @@ def run(
     start = time.monotonic()
     config.validate()
     model_spec = resolve_model(config.model, say)
-    plan = planner.plan(config.io, config.sampling)
+    plan = planner.plan(config.io, config.sampling, say)
     say(
         f"planned {len(plan.shards)} shard(s) over {plan.total_rows} row(s) "
         f"in {len(plan.files)} file(s)"
@@ -96,7 +96,7 @@ def run(
         if todo:
             _generate(config, model_spec, plan, out, todo, run_state, say, on_cluster_lost)
         summary = build_summary(config, plan, run_state, time.monotonic() - start)
-        succeeded = not run_state.report.failed
+        succeeded = not run_state.report.failed and not plan.unreadable
         out.write_summary(summary, success=succeeded)
         if succeeded:
             _remove_progress(out)  # also what late writers added after their shard committed
@@ -187,6 +187,7 @@ def shard_options(
         keep_columns=config.io.keep_columns,
         chat=config.model.chat,
         sampling=config.sampling.params(),
+        sampling_columns=config.io.sampling_overrides(),
         with_sample_index=plan.with_sample_index,
         output_dir=out.url,
         commit_on_driver=out.process_local,
@@ -359,6 +360,9 @@ def build_summary(
         }
         for sid, msg in sorted(state.report.failed.items())
     ]
+    # A file whose footer cannot be read has no shards; it fails on its own.
+    failures += [{"shard_id": None, "path": url, "first_row": 0, "num_rows": None, "error": msg}
+                 for url, msg in plan.unreadable]
     return {
         "status": "failed" if failures else "succeeded",
         "fatal": state.report.fatal,
@@ -374,8 +378,9 @@ def build_summary(
             "committed": len(records),
             "resumed": len(state.committed_before),
             "run": len(state.committed_now),
-            "failed": len(failures),
+            "failed": len(state.report.failed),
         },
+        "unreadable_inputs": len(plan.unreadable),
         "failures": failures,
         "retries": dict(state.report.retries),
         "workers": _worker_figures(state),

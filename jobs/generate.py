@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from griffin_batch.actors import columns
 from griffin_batch.jobs import config as config_lib
 from griffin_batch.jobs import driver
 from griffin_batch.model import engine_config
@@ -62,8 +63,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--prompt-column", default="prompt")
     io.add_argument(
         "--id-column",
-        default="id",
-        help="row id column; without it ids are '<file name>#<row index>'",
+        help="row id column, required in every input (default: 'id' where a file has it; "
+        "rows without an id get '<file name>#<row index>')",
+    )
+    io.add_argument(
+        "--allow-duplicate-ids",
+        action="store_true",
+        help="run even when row ids repeat (as text) across the inputs",
     )
     io.add_argument(
         "--keep-columns",
@@ -71,6 +77,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=(),
         metavar="A,B",
         help="input columns copied to the output",
+    )
+    io.add_argument(
+        "--sampling-columns",
+        type=_csv,
+        default=(),
+        metavar="FIELD[=COLUMN],...",
+        help="input columns that set sampling per row: "
+        f"{', '.join(columns.SAMPLING_FIELDS)}; no other column changes sampling",
+    )
+    io.add_argument(
+        "--sampling-params-column",
+        metavar="COLUMN",
+        help="a struct column whose fields set sampling per row (as Ray Data LLM's sampling_params)",
     )
     io.add_argument("--shard-rows", type=int, default=1024, help="most rows per output file")
     m = p.add_argument_group("model")
@@ -83,12 +102,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     for f in engine_config.job_options():  # defaults live in EngineConfig only
         m.add_argument(f.metadata["flag"], type=int, default=f.default, help=f.metadata["help"])
-    s = p.add_argument_group("sampling (input columns of the same names override per row)")
+    s = p.add_argument_group("sampling (per row: see --sampling-columns)")
     s.add_argument("--max-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--top-k", type=int)
     s.add_argument("--top-p", type=float)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="job seed; each row's stream comes from (job seed, row id) unless the row sets a seed",
+    )
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     s.add_argument("--n", type=int, default=1, help="samples per prompt")
     c = p.add_argument_group("cluster")
@@ -148,6 +172,9 @@ def config_from_args(a: argparse.Namespace) -> config_lib.JobConfig:
             output=a.output,
             prompt_column=a.prompt_column,
             id_column=a.id_column,
+            allow_duplicate_ids=a.allow_duplicate_ids,
+            sampling_columns=tuple(a.sampling_columns),
+            sampling_params_column=a.sampling_params_column,
             keep_columns=tuple(a.keep_columns),
             shard_rows=a.shard_rows,
         ),

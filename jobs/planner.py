@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from griffin_batch.actors import output, rows, shards
+from griffin_batch.actors import columns, output, rows, shards
 from griffin_batch.jobs import config as config_lib
+from griffin_batch.jobs import ids
+
+log = logging.getLogger(__name__)
 
 _GLOB_CHARS = "*?["
 _METADATA_THREADS = 16  # footers come from object stores; latency, not bandwidth, bounds this
-_STRING_TYPES = (pa.string(), pa.large_string(), pa.string_view(), pa.null())
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,12 +70,15 @@ class JobPlan:
       shards: Every shard, ids in order.
       with_sample_index: Outputs carry ``sample_index``.
       keep_types: Arrow type (as text) of each kept column.
+      unreadable: (URL, error) of each input whose footer cannot be read: its rows
+        are not run, the job reports it as failed, and the other files go on.
     """
 
     files: tuple[InputFile, ...]
     shards: tuple[shards.ShardSpec, ...]
     with_sample_index: bool
     keep_types: dict[str, str]
+    unreadable: tuple[tuple[str, str], ...] = ()
 
     @property
     def total_rows(self) -> int:
@@ -84,6 +90,7 @@ class JobPlan:
             "shards": [s.to_dict() for s in self.shards],
             "with_sample_index": self.with_sample_index,
             "keep_types": self.keep_types,
+            "unreadable": [list(u) for u in self.unreadable],
         }
 
     @classmethod
@@ -93,23 +100,43 @@ class JobPlan:
             shards=tuple(shards.ShardSpec.from_dict(s) for s in d["shards"]),
             with_sample_index=d["with_sample_index"],
             keep_types=dict(d["keep_types"]),
+            unreadable=tuple(tuple(u) for u in d.get("unreadable", ())),
         )
 
 
-def plan(io: config_lib.IOConfig, sampling: config_lib.SamplingConfig) -> JobPlan:
-    """Plans a job from file metadata, checking the columns it needs.
+def plan(io: config_lib.IOConfig, sampling: config_lib.SamplingConfig,
+         say: Callable[[str], None] | None = None) -> JobPlan:
+    """Plans a job from file metadata, checking the columns it needs and that row ids are unique.
+
+    Args:
+      io: Inputs and the columns' roles.
+      sampling: Job-wide sampling (``n`` decides the ``sample_index`` column).
+      say: Where warnings go (input columns named like sampling fields that the
+        job does not use, unreadable inputs); None: the log.
 
     Raises:
-      JobInputError: An input is missing, unreadable or not Parquet, or lacks a
-        needed column (the message names the file and column).
+      JobInputError: An input is missing, or a needed column is missing or of a
+        type that cannot serve (the message names the file and column); row ids
+        repeat (unless ``io.allow_duplicate_ids``); no input is readable.
     """
+    say = say or log.warning
     urls = expand_inputs(io.inputs)
     with concurrent.futures.ThreadPoolExecutor(min(_METADATA_THREADS, len(urls))) as pool:
         footers = list(pool.map(_read_footer, urls))
+    overrides = io.sampling_overrides()
     keys = _file_keys(urls)
-    files, keep_types = [], {}
-    for url, key, (schema, group_rows) in zip(urls, keys, footers, strict=True):
-        _check_columns(url, schema, io, keep_types)
+    files, keep_types, unreadable, schemas = [], {}, [], []
+    for url, key, footer in zip(urls, keys, footers, strict=True):
+        if isinstance(footer, str):
+            unreadable.append((url, footer))
+            continue
+        schema, group_rows = footer
+        try:
+            columns.check_schema(url, schema, io.prompt_column, io.id_column, overrides)
+        except columns.ColumnTypeError as e:
+            raise config_lib.JobInputError(str(e)) from None
+        _check_keep_columns(url, schema, io, keep_types)
+        schemas.append(schema)
         files.append(
             InputFile(
                 url=url,
@@ -119,15 +146,47 @@ def plan(io: config_lib.IOConfig, sampling: config_lib.SamplingConfig) -> JobPla
                 columns=tuple(schema.names),
             )
         )
+    if unreadable and not files:
+        raise config_lib.JobInputError("; ".join(e for _, e in unreadable[:3]))
+    for _, error in unreadable:
+        say(f"warning: {error}; its rows are not run, the other inputs go on")
+    if not io.allow_duplicate_ids:
+        ids.check_unique(files, io.id_column)
+    _check_sampling_columns_present(schemas, overrides, len(unreadable), say)
+    _warn_unused_sampling_columns(schemas, overrides, say)
     specs: list[shards.ShardSpec] = []
     for f in files:
         specs.extend(split_file(f, io.shard_rows))
     width = max(5, len(str(len(specs) - 1)))
     specs = [dataclasses.replace(s, shard_id=f"{i:0{width}d}") for i, s in enumerate(specs)]
-    with_index = sampling.n > 1 or any("n" in f.columns for f in files)
-    return JobPlan(
-        files=tuple(files), shards=tuple(specs), with_sample_index=with_index, keep_types=keep_types
-    )
+    with_index = sampling.n > 1 or overrides.may_set("n", schemas)
+    return JobPlan(files=tuple(files), shards=tuple(specs), with_sample_index=with_index,
+                   keep_types=keep_types, unreadable=tuple(unreadable))
+
+
+def _check_sampling_columns_present(schemas: Sequence[pa.Schema],
+                                    overrides: columns.SamplingColumns, unread: int,
+                                    say: Callable[[str], None]) -> None:
+    """A named override column must be in some input (else it is a typo); says which lack it."""
+    for column, lacking in columns.missing_sampling_columns(schemas, overrides).items():
+        if lacking == len(schemas) and not unread:
+            raise config_lib.JobInputError(
+                f"no input has the column {column!r} named in --sampling-columns or "
+                f"--sampling-params-column; their columns are {sorted(schemas[0].names)}")
+        say(f"note: {lacking} of {len(schemas)} input(s) have no column {column!r}; their rows "
+            "use the job's sampling options")
+
+
+def _warn_unused_sampling_columns(schemas: Sequence[pa.Schema],
+                                  overrides: columns.SamplingColumns,
+                                  say: Callable[[str], None]) -> None:
+    """Says which input columns look like sampling fields but do not set them (they used to)."""
+    used = set(overrides.columns())
+    lookalikes = sorted({n for s in schemas for n in s.names
+                         if n in columns.SAMPLING_FIELDS and n not in used})
+    if lookalikes:
+        say(f"note: input columns {lookalikes} are data, not sampling parameters; to set "
+            f"sampling per row pass --sampling-columns {','.join(lookalikes)}")
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
@@ -166,17 +225,18 @@ def _list(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     raise config_lib.JobInputError(f"--input {path}: no such file or directory")
 
 
-def _read_footer(url: str) -> tuple[pa.Schema, list[int]]:
+def _read_footer(url: str) -> tuple[pa.Schema, list[int]] | str:
+    """The file's schema and row-group sizes, or what makes it unreadable."""
     fs, path = fsspec.core.url_to_fs(url)
     try:
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             md = pf.metadata
             return pf.schema_arrow, [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise config_lib.JobInputError(f"input {url} is not a readable Parquet file: {e}") from None
+    except (pa.ArrowException, ValueError) as e:
+        return f"input {url} is not a readable Parquet file: {e}"
     except OSError as e:
-        raise config_lib.JobInputError(f"cannot read input {url}: {e}") from None
+        return f"cannot read input {url}: {e}"
 
 
 def _file_keys(urls: Sequence[str]) -> list[str]:
@@ -186,20 +246,11 @@ def _file_keys(urls: Sequence[str]) -> list[str]:
     return [u if n in clashing else n for u, n in zip(urls, names, strict=True)]
 
 
-def _check_columns(
+def _check_keep_columns(
     url: str, schema: pa.Schema, io: config_lib.IOConfig, keep_types: dict[str, str]
 ) -> None:
+    """Kept columns exist, with one type across inputs (the output files share one schema)."""
     names = schema.names
-    if io.prompt_column not in names:
-        raise config_lib.JobInputError(
-            f"input {url} has no prompt column {io.prompt_column!r} (--prompt-column); "
-            f"its columns are {names}"
-        )
-    prompt_type = schema.field(io.prompt_column).type
-    if prompt_type not in _STRING_TYPES:
-        raise config_lib.JobInputError(
-            f"input {url}: prompt column {io.prompt_column!r} has type {prompt_type}, expected text"
-        )
     for column in io.keep_columns:
         if column not in names:
             raise config_lib.JobInputError(

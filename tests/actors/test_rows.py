@@ -1,11 +1,13 @@
 """Rows in, rows out: reading shards, bad rows, per-row overrides, exactly-once assembly."""
 
+import dataclasses
+
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from griffin_batch.actors import output, rows, shards
+from griffin_batch.actors import columns, output, rows, shards
 from griffin_batch.model import requests
 
 
@@ -23,6 +25,9 @@ def _spec(path="/data/prompts.parquet", num_rows=4, **kw) -> shards.ShardSpec:
 
 
 OPTIONS = shards.ShardOptions(sampling=requests.SamplingParams(max_tokens=8, seed=1))
+# Every sampling field from the column of its name (--sampling-columns max_tokens,...).
+OVERRIDING = dataclasses.replace(
+    OPTIONS, sampling_columns=columns.SamplingColumns.parse(columns.SAMPLING_FIELDS))
 
 
 def test_read_rows_reads_only_planned_groups_and_offset(tmp_path, write_parquet):
@@ -54,7 +59,7 @@ def test_prepare_turns_bad_rows_into_error_rows():
             "n": [None, None, None, None, None, None, None, 0],
         }
     )
-    prepared = rows.prepare(table, _spec(num_rows=8), OPTIONS, attempt=0)
+    prepared = rows.prepare(table, _spec(num_rows=8), OVERRIDING, attempt=0)
     assert [r.request_id for r in prepared.requests] == ["00003:0:0"]
     errors = {rows.row_of(c.request_id): c.error for c in prepared.rejected}
     assert errors == {
@@ -80,9 +85,10 @@ def test_prepare_applies_per_row_overrides():
             "n": [None, 2, None],
         }
     )
-    prepared = rows.prepare(table, _spec(num_rows=3), OPTIONS, attempt=2)
+    prepared = rows.prepare(table, _spec(num_rows=3), OVERRIDING, attempt=2)
     a, b, c = (r.params for r in prepared.requests)
-    assert (a.max_tokens, a.temperature, a.seed, a.n) == (3, 0.0, 1, 1)
+    seed_a = columns.row_seed(1, "prompts.parquet#0")  # no seed of its own: (job seed, id)
+    assert (a.max_tokens, a.temperature, a.seed, a.n) == (3, 0.0, seed_a, 1)
     assert (b.max_tokens, b.temperature, b.seed, b.stop, b.n) == (8, 0.7, 9, ("x",), 2)
     assert c.max_tokens == 5
     assert prepared.samples == [1, 2, 1]
@@ -197,7 +203,7 @@ def test_a_value_the_device_cannot_represent_is_that_rows_error():
     """Before, ``top_k = 2**31`` in an int64 column overflowed inside the engine's shared
     batch and stopped every worker; now it is one error row and the others go on."""
     table = pa.table({"prompt": ["a", "b", "c"], "top_k": pa.array([None, 2**31, 5], pa.int64())})
-    prepared = rows.prepare(table, _spec(num_rows=3), OPTIONS, attempt=0)
+    prepared = rows.prepare(table, _spec(num_rows=3), OVERRIDING, attempt=0)
     assert [rows.row_of(r.request_id) for r in prepared.requests] == [0, 2]
     (bad,) = prepared.rejected
     assert rows.row_of(bad.request_id) == 1 and "top_k must be an integer in [1, " in bad.error

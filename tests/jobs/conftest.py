@@ -16,7 +16,7 @@ SLOTS, DECODE_STEPS, MAX_TOKENS = 4, 8, 8
 
 @pytest.fixture
 def job_config(ray_address) -> Callable[..., config_lib.JobConfig]:
-    """``make(inputs, output, workers=1, shard_rows=4, **cluster)``: a small CPU job on the session cluster."""
+    """``make(inputs, output, workers=1, shard_rows=4, **options)``: a small CPU job on the session cluster."""
 
     def make(
         inputs,
@@ -25,6 +25,7 @@ def job_config(ray_address) -> Callable[..., config_lib.JobConfig]:
         workers=1,
         shard_rows=4,
         keep_columns=(),
+        sampling_columns=(),
         sampling=None,
         resume=None,
         **cluster,
@@ -35,6 +36,7 @@ def job_config(ray_address) -> Callable[..., config_lib.JobConfig]:
                 output=output,
                 shard_rows=shard_rows,
                 keep_columns=tuple(keep_columns),
+                sampling_columns=tuple(sampling_columns),
             ),
             model=config_lib.ModelConfig(
                 engine=EngineConfig(num_slots=SLOTS, decode_steps=DECODE_STEPS)

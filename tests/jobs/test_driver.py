@@ -41,7 +41,8 @@ def test_job_writes_every_row_once(tmp_path, write_parquet, prompts, job_config,
     )
     out = str(tmp_path / "out")
     result = driver.run(
-        job_config([str(tmp_path / "in")], out, workers=2, keep_columns=("topic",)),
+        job_config([str(tmp_path / "in")], out, workers=2, keep_columns=("topic",),
+                   sampling_columns=("max_tokens",)),
         say=lambda _: None,
     )
 

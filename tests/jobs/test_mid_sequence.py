@@ -20,7 +20,7 @@ import fsspec
 import pytest
 from job_helpers import a_live_worker_pid, assert_exactly_once, read_output, wait_for
 
-from griffin_batch.actors import shards
+from griffin_batch.actors import columns, shards
 from griffin_batch.jobs import config as config_lib
 from griffin_batch.jobs import driver
 from griffin_batch.jobs import manifest as manifest_lib
@@ -45,7 +45,8 @@ def _reference(demo_model, prompts, sizing: EngineConfig) -> dict[str, tuple[lis
     base = SAMPLING.params()
     reqs = [requests.Request(request_id=f"r{i}", prompt=prompts[i],
                              params=requests.SamplingParams(
-                                 max_tokens=m, temperature=temp, seed=base.seed))
+                                 max_tokens=m, temperature=temp,
+                                 seed=columns.row_seed(base.seed, f"r{i}")))
             for i, (m, temp) in enumerate(zip(MAX_TOKENS, TEMPERATURE, strict=True))]
     return {c.request_id: (c.tokens, c.text) for c in eng.generate(reqs)}
 
@@ -55,6 +56,7 @@ def _run_interrupted(tmp_path, out, write_parquet, prompts, job_config, sig):
         "prompt": prompts[: len(MAX_TOKENS)], "id": [f"r{i}" for i in range(len(MAX_TOKENS))],
         "max_tokens": list(MAX_TOKENS), "temperature": list(TEMPERATURE)})
     config = job_config([path], out, shard_rows=4, sampling=SAMPLING,
+                        sampling_columns=("max_tokens", "temperature"),
                         resume=config_lib.ResumeConfig(checkpoint_every_s=CHECKPOINT_EVERY_S))
     outcome = {}
     thread = threading.Thread(

@@ -80,7 +80,14 @@ def test_globs_ids_and_sample_index(tmp_path, write_parquet):
         str(tmp_path / "x1" / "data.parquet"),
         str(tmp_path / "x2" / "data.parquet"),
     ]
-    assert plan.with_sample_index  # an "n" column may ask for several samples per row
+    # A column called "n" is data unless named: no sample_index, and a note says so.
+    notes = []
+    plan = planner.plan(_io(str(tmp_path / "x*" / "*.parquet")), SAMPLING, notes.append)
+    assert not plan.with_sample_index
+    assert notes == ["note: input columns ['n'] are data, not sampling parameters; to set "
+                     "sampling per row pass --sampling-columns n"]
+    named = _io(str(tmp_path / "x*" / "*.parquet"), sampling_columns=("n",))
+    assert planner.plan(named, SAMPLING).with_sample_index  # n may ask for several samples
 
 
 def test_memory_urls(write_parquet):
@@ -142,3 +149,112 @@ def test_split_file_skips_empty_groups():
         ((3,), 6, 3),
     ]
     assert all(isinstance(s, shards.ShardSpec) for s in specs)
+
+
+def _write(path, columns: dict, schema: pa.Schema | None = None) -> str:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns, schema=schema), path)
+    return str(path)
+
+
+def test_text_columns_of_every_encoding_are_accepted(tmp_path):
+    """Dictionary-encoded, large-string, bytes and all-null prompt columns plan; files whose
+    schemas disagree only in how they hold text plan together."""
+    d = tmp_path / "in"
+    _write(d / "a.parquet", {"prompt": pa.array(["x", "y", "x"]).dictionary_encode()})
+    _write(d / "b.parquet", {"prompt": pa.array(["x"], pa.large_string())})
+    _write(d / "c.parquet", {"prompt": pa.array([b"x"], pa.binary())})
+    _write(d / "d.parquet", {"prompt": pa.array([None], pa.null())})
+    plan = planner.plan(_io(str(d)), SAMPLING)
+    assert plan.total_rows == 6 and not plan.unreadable
+
+
+@pytest.mark.parametrize(
+    "columns, options, message",
+    [
+        ({"prompt": ["a"], "temperature": pa.array([[0.5]])}, {"sampling_columns": ("temperature",)},
+         r"column 'temperature' sets temperature but has type list<.*double>, expected a "
+         "number or text"),
+        ({"prompt": ["a"], "sp": pa.array([{"top_k": {"x": 1}}])},
+         {"sampling_params_column": "sp"},
+         r"column 'sp.top_k' sets top_k but has type struct<x: int64>, expected an integer"),
+        ({"prompt": ["a"], "sp": pa.array([{"topk": 1}])}, {"sampling_params_column": "sp"},
+         r"sp.topk is not a sampling field"),
+        ({"prompt": ["a"], "sp": [1]}, {"sampling_params_column": "sp"},
+         r"column 'sp' \(--sampling-params-column\) has type int64, expected a struct"),
+        ({"prompt": ["a"], "stop": [1]}, {"sampling_columns": ("stop",)},
+         r"column 'stop' sets stop but has type int64, expected text or a list of text"),
+        ({"prompt": ["a"], "id": pa.array([{"a": 1}])}, {},
+         r"id column 'id' has type struct<a: int64>, expected text or a number"),
+        ({"prompt": ["a"]}, {"id_column": "key"},
+         r"has no id column 'key' \(--id-column\)"),
+    ],
+)
+def test_columns_that_cannot_serve_their_role_are_named(tmp_path, columns, options, message):
+    path = _write(tmp_path / "p.parquet", columns)
+    with pytest.raises(config_lib.JobInputError, match=message) as e:
+        planner.plan(_io(path, **options), SAMPLING)
+    assert path in str(e.value)
+
+
+def test_a_named_sampling_column_must_be_in_some_input(tmp_path):
+    d = tmp_path / "in"
+    _write(d / "a.parquet", {"prompt": ["a"], "p": [0.5]})
+    _write(d / "b.parquet", {"prompt": ["a"]})
+    notes = []
+    planner.plan(_io(str(d), sampling_columns=("top_p=p",)), SAMPLING, notes.append)
+    assert notes == ["note: 1 of 2 input(s) have no column 'p'; their rows use the job's "
+                     "sampling options"]
+    with pytest.raises(config_lib.JobInputError,
+                       match="no input has the column 'q' named in --sampling-columns"):
+        planner.plan(_io(str(d), sampling_columns=("top_p=q",)), SAMPLING)
+
+
+def test_sampling_columns_option_is_checked():
+    with pytest.raises(config_lib.JobInputError, match="'temp' is not a sampling field"):
+        _io("x", sampling_columns=("temp",)).sampling_overrides()
+    with pytest.raises(config_lib.JobInputError, match="names the column 'c' twice"):
+        _io("x", sampling_columns=("top_k=c", "top_p=c")).sampling_overrides()
+
+
+def test_duplicate_ids_are_refused_unless_allowed(tmp_path):
+    d = tmp_path / "in"
+    _write(d / "a.parquet", {"prompt": ["p"] * 3, "id": pa.array([1, 2, 3], pa.int64())})
+    _write(d / "b.parquet", {"prompt": ["p"] * 2, "id": ["4", "1"]})  # "1" is 1 as text
+    _write(d / "c.parquet", {"prompt": ["p"] * 2, "id": [None, "c.parquet#0"]})  # collides
+    with pytest.raises(config_lib.JobInputError) as e:
+        planner.plan(_io(str(d)), SAMPLING)
+    text = str(e.value)
+    assert "2 row id(s) repeat in column 'id'" in text
+    assert f"'1' at {d / 'a.parquet'} row 0, {d / 'b.parquet'} row 1" in text
+    assert f"'c.parquet#0' at {d / 'c.parquet'} row 0, {d / 'c.parquet'} row 1" in text
+    assert "--allow-duplicate-ids" in text
+    assert planner.plan(_io(str(d), allow_duplicate_ids=True), SAMPLING).total_rows == 7
+
+
+def test_unique_ids_of_mixed_types_plan(tmp_path):
+    d = tmp_path / "in"
+    _write(d / "a.parquet", {"prompt": ["p"] * 2, "id": pa.array([1, 2], pa.int32())})
+    _write(d / "b.parquet", {"prompt": ["p"] * 2, "id": ["x", None]})
+    _write(d / "c.parquet", {"prompt": ["p"] * 2})
+    assert planner.plan(_io(str(d)), SAMPLING).total_rows == 6
+
+
+def test_unreadable_footer_fails_that_file_only(tmp_path):
+    d = tmp_path / "in"
+    good = _write(d / "a.parquet", {"prompt": ["p"] * 3})
+    bad = _write(d / "b.parquet", {"prompt": ["p"] * 3})
+    data = pathlib.Path(bad).read_bytes()
+    pathlib.Path(bad).write_bytes(data[:-12] + b"\0" * 8 + data[-4:])  # footer length and magic
+    _write(d / "empty.parquet", {"prompt": pa.array([], pa.string())})  # no rows, no shards
+    notes = []
+    plan = planner.plan(_io(str(d)), SAMPLING, notes.append)
+    assert [f.url for f in plan.files] == [good, str(d / "empty.parquet")]
+    assert plan.total_rows == 3 and len(plan.shards) == 1
+    ((url, error),) = plan.unreadable
+    assert url == bad and f"cannot read input {bad}: Couldn't deserialize thrift" in error
+    assert any(bad in n and "the other inputs go on" in n for n in notes)
+    assert planner.JobPlan.from_dict(plan.to_dict()) == plan
+    with pytest.raises(config_lib.JobInputError, match="cannot read input .*b.parquet"):
+        planner.plan(_io(bad), SAMPLING)  # nothing readable: a job-level error

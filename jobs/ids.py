@@ -1,0 +1,92 @@
+"""Row ids must be unique across a job: checked at planning, from the id columns alone.
+
+Outputs are joined back to inputs by id, and a row's random stream is seeded
+from its id, so two rows with one id (in one file or in two, or ``1`` in an
+integer column and ``"1"`` in a text one) would be indistinguishable. The
+check compares ids as the output writes them (``columns.id_texts``), rows
+without an id included (``<file>#<row>``).
+
+Memory: 8 bytes per row (a 64-bit hash of each id), plus one file's ids at a
+time; the rare hash collision is settled by comparing the ids themselves.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Sequence
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from griffin_batch.actors import columns
+from griffin_batch.jobs import config as config_lib
+
+SHOWN = 5
+"""Duplicates an error lists."""
+
+_READ_THREADS = 8  # id columns come from object stores; latency bounds this
+
+
+def check_unique(files: Sequence, id_column: str | None) -> None:
+    """Raises ``JobInputError`` listing the first few ids that repeat, with where they occur.
+
+    Args:
+      files: The plan's ``InputFile``s (``url``, ``key``, ``num_rows``, ``columns``).
+      id_column: The chosen id column; None: ``id`` where a file has one.
+    """
+    column = id_column or "id"
+    if not any(column in f.columns for f in files):
+        return  # every id is <file key>#<row>: unique by construction
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(_READ_THREADS, len(files)))) as pool:
+        hashes = list(pool.map(lambda f: _hash(_texts(f, column) or []), files))
+    every = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    values, counts = np.unique(every, return_counts=True)
+    suspects = values[counts > 1]
+    if not len(suspects):
+        return
+    seen: dict[str, tuple[str, int]] = {}
+    repeats: dict[str, list[tuple[str, int]]] = {}
+    for f, h in zip(files, hashes, strict=True):
+        rows = np.flatnonzero(np.isin(h, suspects))
+        if not len(rows):
+            continue
+        texts = _texts(f, column) or []
+        for row in rows.tolist():
+            text = texts[row]
+            if text in seen:
+                repeats.setdefault(text, [seen[text]]).append((f.url, row))
+            else:
+                seen[text] = (f.url, row)
+    if repeats:
+        shown = "; ".join(
+            f"{text!r} at " + ", ".join(f"{url} row {row}" for url, row in where[:3])
+            for text, where in list(repeats.items())[:SHOWN])
+        raise config_lib.JobInputError(
+            f"{len(repeats)} row id(s) repeat in column {column!r} (compared as text): {shown}"
+            f"{'; ...' if len(repeats) > SHOWN else ''}. Ids must be unique; pass "
+            "--allow-duplicate-ids to run anyway (rows with one id share a random stream)")
+
+
+def _texts(f, column: str) -> list[str] | None:
+    """The file's ids as the output writes them; None when its id column cannot be read
+    (its shards fail on the worker, naming the file, and the rest of the job goes on)."""
+    fallback = [f"{f.key}#{i}" for i in range(f.num_rows)]
+    if column not in f.columns:
+        return fallback
+    fs, path = fsspec.core.url_to_fs(f.url)
+    try:
+        with fs.open(path, "rb") as handle:
+            table = pq.read_table(handle, columns=[column])
+    except (pa.ArrowException, OSError, ValueError):
+        return None
+    texts = columns.id_texts(table.column(column))
+    return [fb if t is None else t for t, fb in zip(texts, fallback, strict=True)]
+
+
+def _hash(texts: list[str]) -> np.ndarray:
+    if not texts:
+        return np.zeros(0, np.uint64)
+    return pd.util.hash_array(np.array(texts, dtype=object), categorize=False)
