@@ -98,7 +98,9 @@ def sample_tokens(
 
     def draw(logits):
         temperature = jnp.where(rows.temperature > 0, rows.temperature, 1.0)
-        scaled = logits / temperature[:, None]
+        # Shifted to a maximum of 0 first: a tiny temperature then sends the other
+        # tokens to -inf (near-greedy) instead of several tokens to +inf.
+        scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature[:, None]
         needs_filter = jnp.any((rows.top_k > 0) | (rows.top_p < 1.0))
         # Sorting the vocabulary is the costly part: skip it when no row filters.
         scaled = jax.lax.cond(

@@ -160,3 +160,12 @@ def test_logprobs_are_of_the_untempered_unfiltered_model():
     tokens, logprobs = sample_tokens(logits, params, jnp.zeros(4, jnp.int32))
     want = jax.nn.log_softmax(logits)[jnp.arange(4), tokens]
     np.testing.assert_allclose(logprobs, want, atol=1e-6)
+
+
+def test_a_tiny_temperature_is_near_greedy_not_undefined():
+    """Logits / 1e-38 overflow float32 to +inf for every positive logit; shifted to a maximum
+    of 0 first, only the best token stays finite."""
+    logits = jnp.array([[1.0, 3.0, 2.5] + [-1.0] * (VOCAB - 3)])
+    for temperature in (1e-38, 1e-30, 1e-12):
+        tokens = draws(logits[0], rows(64, temperature=temperature), n=64)
+        assert set(tokens.tolist()) == {1}, temperature
