@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import ray
 
 from griffin_batch.cluster import faults, hardware
 
 # Storage and compilation-cache settings a worker needs to see the same files
-# as the driver: cloud-storage endpoints and credentials, fsspec defaults
+# as the driver: cloud-storage endpoints, fsspec defaults
 # (``FSSPEC_GCS_TOKEN=anon``) and JAX's persistent compilation cache.
 FORWARDED_ENV_NAMES = (
     "STORAGE_EMULATOR_HOST",
@@ -25,19 +28,60 @@ FORWARDED_ENV_NAMES = (
 )
 FORWARDED_ENV_PREFIXES = ("GCSFS_", "FSSPEC_", "AWS_", "JAX_PERSISTENT_CACHE_")
 
+# Words that mark a setting as a credential: in its name (AWS_SECRET_ACCESS_KEY),
+# or in an fsspec option set as JSON (FSSPEC_S3='{"key": ..., "secret": ...}').
+_CREDENTIAL_WORDS = re.compile(r"key|secret|token|password|passwd|credential",
+                               re.IGNORECASE)
+# Values of gcsfs's ``token`` option that name a way to authenticate, not a secret.
+_TOKEN_MODES = {"anon", "google_default", "cache", "cloud", "browser", "none"}
 
-def forwarded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+
+def is_credential(name: str, value: str) -> bool:
+    """Whether an environment setting carries a secret (or points at one)."""
+    if name == "GOOGLE_APPLICATION_CREDENTIALS":
+        return True
+    if _CREDENTIAL_WORDS.search(name):
+        return value.strip().lower() not in _TOKEN_MODES
+    if name.startswith(("FSSPEC_", "GCSFS_")):
+        try:
+            options = json.loads(value)
+        except ValueError:
+            return False
+        return isinstance(options, dict) and _has_credential_key(options)
+    return False
+
+
+def _has_credential_key(options: Mapping[str, Any]) -> bool:
+    return any(
+        (_CREDENTIAL_WORDS.search(str(k)) and str(v).strip().lower() not in _TOKEN_MODES)
+        or (isinstance(v, Mapping) and _has_credential_key(v))
+        for k, v in options.items())
+
+
+def forwarded_env(environ: Mapping[str, str] | None = None, *,
+                  credentials: bool = False) -> dict[str, str]:
     """The subset of ``environ`` (default: this process's) that workers inherit.
 
     Ray only passes a driver's environment to workers of a cluster it starts
-    itself; on a cluster it joins, these travel as ``runtime_env`` env_vars.
+    itself; on a cluster it joins, these travel as ``runtime_env`` env_vars,
+    which Ray stores in its GCS and shows in its dashboard. So credentials
+    (``is_credential``) stay behind unless ``credentials``: workers use their
+    node's own (metadata server, workload identity, instance roles).
     """
     environ = os.environ if environ is None else environ
     return {
         k: v
         for k, v in environ.items()
-        if k in FORWARDED_ENV_NAMES or k.startswith(FORWARDED_ENV_PREFIXES)
+        if (k in FORWARDED_ENV_NAMES or k.startswith(FORWARDED_ENV_PREFIXES))
+        and (credentials or not is_credential(k, v))
     }
+
+
+def withheld_credentials(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Names of the credential settings ``forwarded_env`` keeps from workers by default."""
+    environ = os.environ if environ is None else environ
+    every = forwarded_env(environ, credentials=True)
+    return sorted(set(every) - set(forwarded_env(environ)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +100,24 @@ class Connection:
     owned: bool
 
     def describe(self) -> str:
-        how = "started a local Ray cluster" if self.started_local else "joined Ray cluster"
-        return f"{how} at {self.address}"
+        """One line: which cluster, how reached, how many nodes, whether it asks for a token."""
+        how = "started a local Ray cluster" if self.started_local else "joined the Ray cluster"
+        return (f"{how} at {self.address} ({_alive_nodes()} node(s), Ray {ray.__version__}, "
+                f"token authentication {'on' if _token_auth() else 'OFF'})")
+
+
+def _alive_nodes() -> int:
+    try:
+        return sum(1 for n in ray.nodes() if n.get("Alive"))
+    except Exception:  # noqa: BLE001 - a description is advisory
+        return 0
+
+
+def _token_auth() -> bool:
+    """Whether this Ray connection uses token authentication (Ray's default since 2.5x)."""
+    from ray._private.authentication import authentication_utils
+
+    return authentication_utils.is_token_auth_enabled()
 
 
 def connect(address: str | None = None) -> Connection:
@@ -280,6 +340,18 @@ def nodes() -> list[hardware.Node]:
     return hardware.live_nodes(ray.nodes())
 
 
+def tpu_slices() -> dict[str, str]:
+    """The multi-host TPU slice of each node that belongs to one, dead nodes included.
+
+    Read with Ray's TPU utilities (the ``ray.io/tpu-slice-name`` label Ray puts
+    on every host of a multi-host slice).
+    """
+    from ray.util import tpu
+
+    return {n["NodeID"]: name for n in ray.nodes()
+            if (name := tpu.get_tpu_slice_name_from_node(n))}
+
+
 def draining_nodes() -> set[str]:
     """Ids (hex) of the nodes Ray is draining: a preemption notice, ``ray drain-node``,
     or a ``ray start --block`` that received SIGTERM (a Kubernetes pod deletion).
@@ -293,3 +365,17 @@ def draining_nodes() -> set[str]:
         return set(state.state.get_draining_nodes())
     except Exception:  # noqa: BLE001 - a private API: no answer means no drain seen
         return set()
+
+
+def actor_placed(handle: Any) -> bool:
+    """Whether Ray has placed the actor on a node (its address is known), from the GCS.
+
+    An actor waiting for a node with room has no address yet; one being
+    constructed has. Unknown (the GCS did not say) counts as placed, so a start
+    timeout still applies.
+    """
+    try:
+        info = ray._private.state.actors(handle._actor_id.hex())
+    except Exception:  # noqa: BLE001 - a state read is advisory
+        return True
+    return bool(((info or {}).get("Address") or {}).get("IPAddress"))

@@ -26,8 +26,18 @@ import ray.exceptions as rex
 
 # Timeouts and intervals (seconds). ---------------------------------------
 WORKER_START_TIMEOUT_S = 1800.0
-"""A worker must load its checkpoint and become ready within this (large
-checkpoints from cloud storage onto a TPU host take minutes)."""
+"""A worker must load its checkpoint and become ready within this once Ray has
+placed it on a node (large checkpoints from cloud storage onto a TPU host take
+minutes). Time spent waiting for a node does not count: that is demand for the
+autoscaler, bounded by ``DEFAULT_WAIT_FOR_WORKERS_S``."""
+
+DEFAULT_WAIT_FOR_WORKERS_S = 900.0
+"""How long a job waits for its minimum of ready workers: room for an autoscaler
+to create TPU VMs (several minutes each) and for the workers to load."""
+
+CLUSTER_POLL_S = 2.0
+"""How often the driver reads the live nodes (room for more workers) and which
+of its starting workers Ray has placed."""
 
 POLL_INTERVAL_S = 0.5
 """How long the driver waits for any result before refreshing progress."""

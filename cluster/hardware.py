@@ -111,6 +111,11 @@ TPU_TYPES: Mapping[str, TpuType] = {
 }
 
 
+DEFAULT_TPU_CHIPS_PER_HOST = 4
+"""Chips of one host of a multi-host v4, v5e, v5p or v6e slice: a TPU worker's share
+when no TPU node is up yet to tell."""
+
+
 def tpu_type(name: str) -> TpuType:
     """Looks up a slice shape by accelerator type (``v4-16``, ``TPU-v4-16``), naming the known ones."""
     key = name.removeprefix("TPU-").removesuffix("-head").lower()
@@ -212,6 +217,7 @@ def worker_spec(
     *,
     gpus_per_worker: float = 1.0,
     cpus_per_worker: float = 1.0,
+    tpu_chips: int | None = None,
 ) -> WorkerSpec:
     """Derives the worker placement for ``accelerator`` from the live nodes.
 
@@ -221,6 +227,9 @@ def worker_spec(
       gpus_per_worker: GPUs per GPU worker (1: one per GPU; the host's count:
         one per host).
       cpus_per_worker: CPUs a CPU worker reserves.
+      tpu_chips: TPU chips a TPU worker reserves (one host's). None: those of
+        the smallest TPU host present, else ``DEFAULT_TPU_CHIPS_PER_HOST``
+        (a cluster whose TPU nodes the autoscaler has yet to create).
 
     Returns:
       The spec; ``capacity`` may be 0 when no node fits (callers report it).
@@ -231,7 +240,7 @@ def worker_spec(
     if acc is Accelerator.TPU:
         chip_counts = [int(n.amount(TPU_RESOURCE)) for n in nodes if n.amount(TPU_RESOURCE) >= 1]
         # A worker takes a whole host; the smallest host fixes the per-worker share.
-        chips = min(chip_counts, default=1)
+        chips = tpu_chips or min(chip_counts, default=DEFAULT_TPU_CHIPS_PER_HOST)
         need = {TPU_RESOURCE: float(chips)}
         spec = dict(
             num_cpus=0.0,

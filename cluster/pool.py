@@ -1,8 +1,13 @@
-"""A pool of long-lived worker actors: start, watch readiness, replace the lost.
+"""A pool of long-lived worker actors: start, watch readiness, replace the lost, grow and shrink.
 
 The pool is generic: it starts ``actor_cls(*init_args)`` with the placement of
 a ``hardware.WorkerSpec`` and a ``ready()`` method it calls to learn when a
-worker has loaded. Scheduling work onto ready workers is the caller's job.
+worker has loaded. Scheduling work onto ready workers is the caller's job, and
+so is its size (``resize``, ``release``; see ``cluster.scaling``).
+
+A worker Ray has not placed yet waits without a deadline: it is demand that an
+autoscaler answers with a node. Its start timeout runs from the moment Ray
+places it (loading a checkpoint), so a slow autoscaler never costs a worker.
 
 The start contract: a constructor that raises, or a ``ready()`` that returns
 ``{"start_error": ...}``, is a failure no retry fixes (``faults.StartFailure``)
@@ -23,7 +28,7 @@ from typing import Any
 
 import ray
 
-from griffin_batch.cluster import faults, hardware
+from griffin_batch.cluster import connect, faults, hardware
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,9 @@ class Worker:
       started_at: Monotonic time the actor was requested.
       info: What ``ready()`` returned (host, devices, ...), None until ready.
       ready_at: Monotonic time it became ready.
+      placed_at: Monotonic time the pool saw Ray place it on a node.
       lost: Why it was removed, None while in service.
+      released: Removed because there was no work left for it (not a loss).
     """
 
     index: int
@@ -50,7 +57,9 @@ class Worker:
     started_at: float
     info: Mapping[str, Any] | None = None
     ready_at: float | None = None
+    placed_at: float | None = None
     lost: str | None = None
+    released: bool = False
 
     @property
     def ready(self) -> bool:
@@ -58,7 +67,7 @@ class Worker:
 
 
 class WorkerPool:
-    """Starts ``size`` workers and keeps the pool at that size while budget lasts.
+    """Keeps ``size`` workers live (ready or starting), replacing the lost while budget lasts.
 
     Args:
       actor_cls: Plain class to run as an actor; must have ``ready()``.
@@ -68,9 +77,11 @@ class WorkerPool:
       env_vars: Environment variables for the actors (``runtime_env``).
       max_concurrency: Concurrent calls per actor (in-flight work + control calls).
       max_replacements: Lost workers replaced over the pool's life.
-      start_timeout_s: A worker not ready after this is dropped.
+      start_timeout_s: A worker not ready this long after Ray placed it is dropped.
       name_prefix: Prefix of actor names (``<prefix>-<index>``).
       clock: Monotonic clock (seconds).
+      placed: Whether Ray has placed a worker's actor on a node (default:
+        ``connect.actor_placed``; asked at most every ``faults.CLUSTER_POLL_S``).
     """
 
     def __init__(
@@ -86,9 +97,12 @@ class WorkerPool:
         start_timeout_s: float = faults.WORKER_START_TIMEOUT_S,
         name_prefix: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        placed: Callable[[Worker], bool] | None = None,
     ):
         if size < 1:
             raise ValueError(f"pool size must be >= 1, got {size}")
+        self._placed = placed or (lambda w: connect.actor_placed(w.handle))
+        self._placements_checked = float("-inf")
         options = dict(
             spec.ray_options(), max_concurrency=max_concurrency, max_restarts=0, max_task_retries=0
         )
@@ -136,10 +150,27 @@ class WorkerPool:
         if worker.lost is not None:
             return None
         self._retire(worker, reason)
-        if self.replaced >= self.max_replacements:
+        if self.replaced >= self.max_replacements or len(self.live) >= self.size:
             return None
         self.replaced += 1
         return self._spawn()
+
+    def resize(self, size: int) -> list[Worker]:
+        """Keeps ``size`` workers live from now on; starts the missing ones (shrinking is ``release``).
+
+        Returns:
+          The workers started.
+        """
+        self.size = max(size, 0)
+        return [self._spawn() for _ in range(self.size - len(self.live))]
+
+    def release(self, worker: Worker, reason: str) -> None:
+        """Removes ``worker`` because there is no work for it (its node may scale down); not a loss."""
+        if worker.lost is not None:
+            return
+        worker.released = True
+        self._retire(worker, f"released: {reason}", level=logging.INFO)
+        self.size = max(0, self.size - 1)
 
     def shutdown(self) -> None:
         """Kills every worker still in service or starting."""
@@ -181,28 +212,47 @@ class WorkerPool:
     def _retire(self, worker: Worker, reason: str, level: int = logging.WARNING) -> None:
         """Removes ``worker`` for good, without a replacement."""
         worker.lost = reason
-        self.last_error = reason
+        if not worker.released:
+            self.last_error = reason
         log.log(level, "worker %s lost: %s", worker.name, reason)
         with contextlib.suppress(Exception):  # already gone is fine
             ray.kill(worker.handle, no_restart=True)
 
+    def note_placements(self) -> None:
+        """Records which starting workers Ray has placed (at most every ``faults.CLUSTER_POLL_S``)."""
+        now = self._clock()
+        if now - self._placements_checked < faults.CLUSTER_POLL_S:
+            return
+        self._placements_checked = now
+        for w in self.starting().values():
+            if w.placed_at is None and self._placed(w):
+                w.placed_at = now
+
     def expire_starting(self) -> list[Worker]:
-        """Drops workers that have not become ready within the start timeout."""
+        """Drops placed workers that have not become ready within the start timeout."""
+        self.note_placements()
         now, expired = self._clock(), []
         for w in list(self.starting().values()):
-            if now - w.started_at > self.start_timeout_s:
+            if w.placed_at is not None and now - w.placed_at > self.start_timeout_s:
                 expired.append(w)
-                self.lose(
-                    w,
-                    f"not ready after {self.start_timeout_s:.0f}s "
-                    "(no room in the cluster, or loading hangs)",
-                )
+                self.lose(w, f"not ready {self.start_timeout_s:.0f}s after Ray placed it "
+                             "(loading hangs)")
         return expired
 
     @property
     def in_service(self) -> list[Worker]:
         """Ready workers."""
         return [w for w in self.workers if w.ready]
+
+    @property
+    def live(self) -> list[Worker]:
+        """Workers ready or starting."""
+        return [w for w in self.workers if w.lost is None]
+
+    @property
+    def waiting_for_room(self) -> list[Worker]:
+        """Starting workers Ray has not placed yet (demand for the autoscaler)."""
+        return [w for w in self.starting().values() if w.placed_at is None]
 
     @property
     def exhausted(self) -> bool:

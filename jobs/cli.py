@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, summary) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=summary, description=getattr(module, "DESCRIPTION", summary))
+        p = sub.add_parser(name, help=summary, description=getattr(module, "DESCRIPTION", summary),
+                           allow_abbrev=False)
         module.add_arguments(p)
     return parser
 

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from griffin_batch.actors import columns, output
-from griffin_batch.cluster import faults, hardware
+from griffin_batch.cluster import faults, hardware, scaling
 from griffin_batch.model import requests
 from griffin_batch.model.engine_config import EngineConfig
 
@@ -137,13 +137,23 @@ class ClusterConfig:
     """Ray cluster address; None joins a reachable cluster or starts a local one; ``local`` always starts one."""
 
     workers: int | None = None
-    """Exact worker count (exclusive with min/max_workers)."""
+    """Exact worker count (exclusive with min/max_workers): min and max at once."""
 
     min_workers: int | None = None
-    """Fail before starting when the cluster cannot hold this many workers."""
+    """Workers that must be ready before any shard is sent (default 1, at most one
+    per shard); the job fails when fewer are after ``wait_for_workers_s``."""
 
     max_workers: int | None = None
-    """Use at most this many workers (default: one per accelerator host)."""
+    """Most workers at once. None: one per accelerator host the cluster holds at
+    the moment (growing as nodes join). On a cluster that autoscales, the bound
+    to ask for: workers Ray cannot place yet are the autoscaler's demand."""
+
+    wait_for_workers_s: float = faults.DEFAULT_WAIT_FOR_WORKERS_S
+    """How long to wait for ``min_workers`` (nodes being created, models loading)."""
+
+    tpu_chips_per_worker: int | None = None
+    """TPU chips one worker reserves (one TPU host's chips). None: those of the
+    smallest TPU host present, else 4 (a v5e, v6e or v5p host of a multi-host slice)."""
 
     accelerator: str = "auto"
     """``auto``, ``tpu``, ``gpu`` or ``cpu``."""
@@ -153,6 +163,11 @@ class ClusterConfig:
 
     cpus_per_worker: float = 1.0
     """CPUs a CPU worker reserves."""
+
+    forward_credentials: bool = False
+    """Send this process's storage credentials (``AWS_*`` keys, ``GOOGLE_APPLICATION_CREDENTIALS``,
+    fsspec options holding keys or tokens) to workers in Ray's runtime environment.
+    Off: workers use their node's own (metadata server, workload identity)."""
 
     max_in_flight: int | None = None
     """Shards held by one worker at once. None: enough to fill its engine's slots
@@ -224,6 +239,14 @@ class JobConfig:
             raise JobInputError(
                 f"--checkpoint-every must be >= 0 seconds, got {self.resume.checkpoint_every_s}"
             )
+
+    def scaling(self) -> scaling.ScalingPolicy:
+        """The worker pool's bounds (``--workers`` is min and max at once)."""
+        c = self.cluster
+        low = c.workers or c.min_workers or 1
+        high = c.workers or c.max_workers
+        return scaling.ScalingPolicy(min_workers=low, max_workers=high,
+                                     wait_for_workers_s=c.wait_for_workers_s)
 
     def shards_in_flight(self) -> int:
         """Shards a worker holds at once (``--max-in-flight``, else enough to fill its slots).
@@ -300,6 +323,7 @@ def _validate_cluster(c: ClusterConfig) -> None:
         ("--gpus-per-worker", c.gpus_per_worker),
         ("--cpus-per-worker", c.cpus_per_worker),
         ("--stall-timeout", c.stall_timeout_s),
+        ("--tpu-chips-per-worker", c.tpu_chips_per_worker),
     ):
         _positive(value, option)
     if c.workers is not None and (c.min_workers is not None or c.max_workers is not None):
@@ -310,3 +334,5 @@ def _validate_cluster(c: ClusterConfig) -> None:
         )
     if c.max_preemptions < 0 or c.max_failures < 0:
         raise JobInputError("retry budgets must be >= 0")
+    if not c.wait_for_workers_s >= 0:
+        raise JobInputError(f"--wait-for-workers must be >= 0 seconds, got {c.wait_for_workers_s}")

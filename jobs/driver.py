@@ -151,32 +151,6 @@ def resolve_model(m: config_lib.ModelConfig, say: Say) -> worker.ModelSpec:
     )
 
 
-def worker_count(spec: hardware.WorkerSpec, c: config_lib.ClusterConfig, shards_todo: int) -> int:
-    """How many workers to start.
-
-    Raises:
-      JobInputError: The cluster cannot hold one worker, ``--workers`` or ``--min-workers``.
-    """
-    room = (
-        f"the cluster has room for {spec.capacity} {spec.accelerator.value} worker(s) "
-        f"({spec.description})"
-    )
-    if spec.capacity < 1:
-        raise config_lib.JobInputError(f"{room}; check --accelerator and the cluster's nodes")
-    if c.workers is not None:
-        if c.workers > spec.capacity:
-            raise config_lib.JobInputError(f"--workers {c.workers}: {room}")
-        count = c.workers
-    else:
-        if c.min_workers is not None and c.min_workers > spec.capacity:
-            raise config_lib.JobInputError(f"--min-workers {c.min_workers}: {room}")
-        count = spec.default_workers()
-        if c.max_workers is not None:
-            count = min(count, c.max_workers)
-        count = max(count, c.min_workers or 1)
-    return max(1, min(count, shards_todo))
-
-
 def shard_options(
     config: config_lib.JobConfig, plan: planner.JobPlan, out: manifest.OutputDir
 ) -> shards.ShardOptions:
@@ -195,29 +169,65 @@ def shard_options(
     )
 
 
-def _start_pool(
-    config: config_lib.JobConfig, model_spec: worker.ModelSpec, todo: int, say: Say
-) -> pool.WorkerPool:
+def _worker_spec(config: config_lib.JobConfig, like: hardware.WorkerSpec | None = None
+                 ) -> hardware.WorkerSpec:
+    """One worker's placement and the room for such workers in the live nodes.
+
+    ``like``: keep that spec's accelerator and TPU share (the nodes of the
+    moment only change the room).
+    """
     c = config.cluster
-    spec = hardware.worker_spec(
+    return hardware.worker_spec(
         connect.nodes(),
-        c.accelerator,
+        like.accelerator if like else c.accelerator,
         gpus_per_worker=c.gpus_per_worker,
         cpus_per_worker=c.cpus_per_worker,
+        tpu_chips=int(like.resources.get(hardware.TPU_RESOURCE, 0)) if like else
+        c.tpu_chips_per_worker,
     )
-    size = worker_count(spec, c, todo)
+
+
+def _start_pool(
+    config: config_lib.JobConfig, model_spec: worker.ModelSpec, todo: int, say: Say
+) -> tuple[pool.WorkerPool, Callable[[], int]]:
+    """Starts the pool at the size the work and the live nodes call for.
+
+    Returns:
+      The pool, and a function giving the room for more workers in the live
+      nodes (the scheduler's default bound as nodes join or leave).
+    """
+    spec = _worker_spec(config)
+
+    def room() -> int:
+        return _worker_spec(config, like=spec).default_workers()
+
+    policy = config.scaling()
+    size = max(min(policy.min_workers, todo), policy.target(
+        capacity=spec.default_workers(), busy=0, queued=todo))
     say(f"starting {size} {spec.accelerator.value} worker(s), {spec.description}")
+    withheld = connect.withheld_credentials()
+    if withheld and config.cluster.forward_credentials:
+        say(f"forwarding credentials to workers: {', '.join(withheld)} (values not shown)")
+    elif withheld:
+        say(f"not sent to workers: {', '.join(withheld)}; they use their node's own "
+            "credentials (--forward-credentials sends these)")
+    if size > spec.default_workers():
+        say(f"the cluster has room for {spec.default_workers()} now; Ray places the others as "
+            f"nodes join (an autoscaler adds them for these workers); waiting up to "
+            f"{policy.wait_for_workers_s:.0f}s for {min(policy.min_workers, todo)} to be ready "
+            "(--min-workers, --wait-for-workers)")
     workers = pool.WorkerPool(
         worker.GenerationWorker,
         (model_spec,),
         spec,
         size=size,
-        env_vars=connect.forwarded_env(),
+        env_vars=connect.forwarded_env(credentials=config.cluster.forward_credentials),
         max_concurrency=config.shards_in_flight() + 2,
-        start_timeout_s=c.start_timeout_s,
+        max_replacements=2 * max(size, policy.max_workers or 0),
+        start_timeout_s=config.cluster.start_timeout_s,
     )
     workers.start()
-    return workers
+    return workers, room
 
 
 def _generate(
@@ -238,7 +248,7 @@ def _generate(
     say(connection.describe())
     say(f"worker logs (and Ray's own): {connect.log_dir()} on each node")
     try:
-        workers = _start_pool(config, model_spec, len(todo), say)
+        workers, room = _start_pool(config, model_spec, len(todo), say)
         state.workers = workers.workers
         options = shard_options(config, plan, out)
         done_rows = sum(r.rows for r in state.committed_before.values())
@@ -261,6 +271,7 @@ def _generate(
             out.renew()  # raises LeaseLost when another driver took the output over
             if state.startup_s is None and any(w.ready for w in workers.workers):
                 state.startup_s = time.monotonic() - started
+            bar.workers(len(workers.in_service), len(workers.starting()))
             bar.refresh()
 
         budget = faults.RetryBudget(config.cluster.max_preemptions, config.cluster.max_failures)
@@ -276,6 +287,9 @@ def _generate(
             stall_timeout_s=config.cluster.stall_timeout_s,
             cluster_lost=lambda: cluster.lost,
             on_tick=on_tick,
+            elastic=config.scaling(),
+            capacity=room,
+            tpu_slices=connect.tpu_slices,
         )
         state.loop = loop
         try:
@@ -384,6 +398,7 @@ def build_summary(
         "failures": failures,
         "retries": dict(state.report.retries),
         "workers": _worker_figures(state),
+        "pool": state.report.timeline,
         "cluster": state.cluster,
     }
 
@@ -404,7 +419,12 @@ def _worker_figures(state: _RunState) -> list[dict[str, Any]]:
                 "completion_tokens": stats.completion_tokens,
                 "busy_s": round(busy, 3),
                 "tokens_per_s": round(stats.completion_tokens / busy, 2) if busy else 0.0,
-                "lost": w.lost if w.lost != "shut down" else None,
+                # Seconds since the job started: asked for, placed on a node, ready, first shard.
+                **{f"{k}_at_s": None if t is None else round(t - state.started, 3) for k, t in (
+                    ("requested", w.started_at), ("placed", w.placed_at),
+                    ("ready", w.ready_at), ("first_shard", stats.first_dispatch))},
+                "released": w.released,
+                "lost": w.lost if w.lost != "shut down" and not w.released else None,
             }
         )
     return figures

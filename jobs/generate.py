@@ -44,7 +44,8 @@ DESCRIPTION = (
 
 def build_parser(prog: str = "griffin-batch generate") -> argparse.ArgumentParser:
     """The argument parser (options mirror ``griffin_batch.jobs.config.JobConfig``)."""
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    # No prefixes: "--max-worker 4" must be an error, not --max-workers.
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, allow_abbrev=False)
     add_arguments(p)
     return p
 
@@ -121,12 +122,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Ray address (default: join a reachable cluster, else "
         "start a local one; 'local' always starts one)",
     )
-    c.add_argument("--workers", type=int, help="exact number of workers")
-    c.add_argument("--min-workers", type=int)
-    c.add_argument("--max-workers", type=int)
+    c.add_argument("--workers", type=int, help="exact number of workers (min and max at once)")
+    c.add_argument(
+        "--min-workers",
+        type=int,
+        help="workers that must be ready before work starts (default 1); the job fails when "
+        "fewer are after --wait-for-workers",
+    )
+    c.add_argument(
+        "--max-workers",
+        type=int,
+        help="most workers at once (default: one per accelerator host present, growing as "
+        "nodes join); on an autoscaling cluster, the size to scale toward",
+    )
+    c.add_argument(
+        "--wait-for-workers",
+        type=float,
+        default=config_lib.ClusterConfig.wait_for_workers_s,
+        metavar="SECONDS",
+        help="how long to wait for --min-workers (the autoscaler creating nodes, models loading)",
+    )
+    c.add_argument(
+        "--tpu-chips-per-worker",
+        type=int,
+        help="TPU chips per worker, one host's (default: the smallest TPU host's, else 4)",
+    )
     c.add_argument("--accelerator", default="auto", choices=["auto", "tpu", "gpu", "cpu"])
     c.add_argument("--gpus-per-worker", type=float, default=1.0)
     c.add_argument("--cpus-per-worker", type=float, default=1.0)
+    c.add_argument(
+        "--forward-credentials",
+        action="store_true",
+        help="send this shell's storage credentials (AWS_* keys, GOOGLE_APPLICATION_CREDENTIALS, "
+        "fsspec options with keys or tokens) to the workers; by default they use their node's "
+        "own (metadata server, workload identity)",
+    )
     c.add_argument(
         "--max-in-flight",
         type=int,
@@ -200,6 +230,9 @@ def config_from_args(a: argparse.Namespace) -> config_lib.JobConfig:
             workers=a.workers,
             min_workers=a.min_workers,
             max_workers=a.max_workers,
+            wait_for_workers_s=a.wait_for_workers,
+            tpu_chips_per_worker=a.tpu_chips_per_worker,
+            forward_credentials=a.forward_credentials,
             accelerator=a.accelerator,
             gpus_per_worker=a.gpus_per_worker,
             cpus_per_worker=a.cpus_per_worker,

@@ -44,12 +44,24 @@ class Progress:
         self._clock = clock
         self._start = clock()
         self.tokens = 0
+        self._workers = ""
 
     def advance(self, rows: int, tokens: int) -> None:
         """Counts a committed shard."""
         self.tokens += tokens
-        self._bar.set_postfix_str(f"{self.tokens_per_s():,.0f} tok/s", refresh=False)
+        self._postfix()
         self._bar.update(rows)
+
+    def workers(self, ready: int, starting: int) -> None:
+        """Shows the pool's live workers (it grows and shrinks with the cluster)."""
+        text = f"{ready} worker(s)" + (f" +{starting} starting" if starting else "")
+        if text != self._workers:
+            self._workers = text
+            self._postfix()
+
+    def _postfix(self) -> None:
+        self._bar.set_postfix_str(f"{self.tokens_per_s():,.0f} tok/s, {self._workers}".rstrip(", "),
+                                  refresh=False)
 
     def tokens_per_s(self) -> float:
         elapsed = self._clock() - self._start

@@ -11,6 +11,13 @@ shards into preemptions, and replaced. A
 worker that cannot start for good (``pool.WorkerPool.fatal``) stops the loop
 at once: every shard not yet committed is reported with that cause. So does a
 cluster that stops answering (``cluster_lost``): nothing can run on it.
+
+With a ``scaling.ScalingPolicy`` the pool is elastic: no shard is sent until
+``min_workers`` are ready (the job fails if they are not within
+``wait_for_workers_s``); while shards wait, the pool asks for a worker per
+waiting shard up to the policy's bound (Ray places each as a node with room
+joins: the autoscaler's cue); a ready worker with nothing left to do is released
+at once, so its node can scale down while the others finish.
 """
 
 from __future__ import annotations
@@ -19,12 +26,12 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import ray
 
 from griffin_batch.actors import shards
-from griffin_batch.cluster import faults, pool
+from griffin_batch.cluster import faults, pool, scaling
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,9 @@ class Report:
       fatal: Why the loop stopped early (a worker that cannot start, the cluster
         lost), or None.
       cluster_lost: The loop stopped because the cluster stopped answering.
+      timeline: The pool's size over time: one entry per change, with seconds
+        since the loop started and its ``ready``, ``starting`` and
+        ``waiting_for_room`` (not placed yet) workers.
     """
 
     failed: dict[str, str]
@@ -68,6 +78,7 @@ class Report:
     retries: dict[str, int]
     fatal: str | None = None
     cluster_lost: bool = False
+    timeline: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -103,6 +114,11 @@ class Scheduler:
       draining_nodes: Ids of the nodes Ray is draining (a preemption notice,
         ``ray drain-node``, a SIGTERM'd ``ray start --block``); None: not watched.
       drain: Tells a worker to checkpoint its shards and stop (``GenerationWorker.drain``).
+      elastic: Bounds of an elastic pool; None keeps the pool at its size.
+      capacity: Workers the live nodes can hold now (asked at most every
+        ``faults.CLUSTER_POLL_S``; for ``scaling``'s default bound).
+      tpu_slices: The multi-host TPU slice of each node in one
+        (``connect.tpu_slices``); None: hosts are lost one by one.
     """
 
     def __init__(
@@ -119,6 +135,9 @@ class Scheduler:
         cluster_lost: Callable[[], str | None] = lambda: None,
         draining_nodes: Callable[[], Collection[str]] | None = None,
         drain: Callable[[pool.Worker, str], ray.ObjectRef] | None = None,
+        elastic: scaling.ScalingPolicy | None = None,
+        capacity: Callable[[], int] = lambda: 0,
+        tpu_slices: Callable[[], Mapping[str, str]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.workers = workers
@@ -142,13 +161,28 @@ class Scheduler:
         self._drain = drain
         self._drains_checked = float("-inf")
         self._told_to_drain: dict[str, ray.ObjectRef] = {}  # worker name -> its drain call
+        self._scaling = elastic
+        self._tpu_slices = tpu_slices
+        self._capacity = capacity
+        self._room = (float("-inf"), 0)  # (when read, workers the live nodes hold)
+        self._started = clock()
+        self._min_ready = elastic is None  # min_workers were ready once: dispatch may start
+        self._min_needed = 1
+        self.timeline: list[dict[str, float]] = []
         self.finished = False  # run has returned: its report is final
 
     def run(self, todo: Sequence[shards.ShardSpec]) -> Report:
         """Processes ``todo``; returns when every shard is committed or given up."""
         self._queue.extend(todo)
+        if self._scaling is not None:
+            self._min_needed = min(self._scaling.min_workers, len(todo))
         while self._queue or self._in_flight:
             self._dispatch()
+            self._scale()
+            self._record_pool()
+            if self.workers.fatal is not None:
+                self._give_up_all(self.workers.fatal)
+                break
             waitable = [*self._in_flight, *self.workers.starting()]
             if not waitable:
                 self._give_up_queued()
@@ -188,12 +222,17 @@ class Scheduler:
             retries=self.budget.totals,
             fatal=self.workers.fatal or self._lost,
             cluster_lost=self._lost is not None,
+            timeline=list(self.timeline),
         )
 
     def _load(self) -> collections.Counter:
         return collections.Counter(a.worker.name for a in self._in_flight.values())
 
     def _dispatch(self) -> None:
+        if not self._min_ready:
+            if len(self.workers.in_service) < self._min_needed:
+                return
+            self._min_ready = True
         load = self._load()
         # Least-loaded first, one shard per worker per pass, so work spreads evenly.
         while self._queue:
@@ -213,6 +252,39 @@ class Scheduler:
                 stats = self._stats[worker.name]
                 if stats.first_dispatch is None:
                     stats.first_dispatch = self._clock()
+
+    def _scale(self) -> None:
+        """Sizes an elastic pool to the work left (see ``scaling.ScalingPolicy.target``)."""
+        if self._scaling is None:
+            return
+        now = self._clock()
+        if not self._min_ready and now - self._started > self._scaling.wait_for_workers_s:
+            self.workers.fatal = (
+                f"{len(self.workers.in_service)} of the {self._min_needed} worker(s) that must "
+                f"be ready (--min-workers) were after {self._scaling.wait_for_workers_s:.0f}s "
+                f"(--wait-for-workers); the cluster has room for {self._room[1]}, and no "
+                "autoscaler added more")
+            return
+        if now - self._room[0] >= faults.CLUSTER_POLL_S:
+            self._room = (now, self._capacity())
+        busy = {a.worker.name for a in self._in_flight.values()}
+        if not self._queue:  # nothing more for idle workers: let their nodes go
+            for w in self.workers.live:
+                if w.name not in busy and w.name not in self._told_to_drain:
+                    self.workers.release(w, "no work left for it")
+            return
+        want = self._scaling.target(capacity=self._room[1], busy=len(busy),
+                                    queued=len(self._queue))
+        if not self._min_ready:
+            want = max(want, self._min_needed)
+        if want > len(self.workers.live):
+            self.workers.resize(want)
+
+    def _record_pool(self) -> None:
+        entry = {"ready": len(self.workers.in_service), "starting": len(self.workers.starting()),
+                 "waiting_for_room": len(self.workers.waiting_for_room)}
+        if not self.timeline or any(self.timeline[-1][k] != v for k, v in entry.items()):
+            self.timeline.append({"t": round(self._clock() - self._started, 2), **entry})
 
     def _finish(self, ref: ray.ObjectRef) -> None:
         attempt = self._in_flight.pop(ref)
@@ -237,6 +309,7 @@ class Scheduler:
         )
         if isinstance(outcome, faults.Preempted):
             self.workers.lose(attempt.worker, outcome.message)
+            self._drain_slice_of(attempt.worker)
         if self.budget.charge(shard_id, outcome):
             self._queue.appendleft(attempt.shard)  # first in line: it is the oldest work
         else:
@@ -265,6 +338,28 @@ class Scheduler:
             if node not in draining or worker.name in self._told_to_drain:
                 continue
             reason = f"node {node[:12]} is draining (preemption or scale-down)"
+            log.warning("worker %s: %s", worker.name, reason)
+            if worker.name in busy and self._drain is not None:
+                self._told_to_drain[worker.name] = self._drain(worker, reason)
+            else:
+                self.workers.lose(worker, reason)
+
+    def _drain_slice_of(self, lost: pool.Worker) -> None:
+        """A lost host of a multi-host TPU slice is the slice's loss: its other hosts are
+        preempted with it (or were already), so their workers checkpoint and stop now."""
+        node = (lost.info or {}).get("node_id")
+        if node is None or self._tpu_slices is None:
+            return
+        slices = self._tpu_slices()
+        name = slices.get(node)
+        if name is None:
+            return
+        busy = {a.worker.name for a in self._in_flight.values()}
+        for worker in self.workers.in_service:
+            other = (worker.info or {}).get("node_id")
+            if other == node or slices.get(other) != name or worker.name in self._told_to_drain:
+                continue
+            reason = f"TPU slice {name} lost host {node[:12]}; its other hosts go with it"
             log.warning("worker %s: %s", worker.name, reason)
             if worker.name in busy and self._drain is not None:
                 self._told_to_drain[worker.name] = self._drain(worker, reason)

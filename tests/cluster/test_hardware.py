@@ -81,3 +81,21 @@ def test_accelerator_parse_names_choices():
     assert hardware.Accelerator.parse("TPU") is hardware.Accelerator.TPU
     with pytest.raises(ValueError, match="expected one of"):
         hardware.Accelerator.parse("npu")
+
+
+def test_tpu_table_agrees_with_rays_own_tpu_naming():
+    """Every slice in the table, as Ray's TPU utilities name and size it: the version is one
+    Ray knows, some valid topology of that version makes that pod type, and chips in all and
+    per host are Ray's."""
+    from ray._private.accelerators import tpu as ray_tpu
+    from ray.util import tpu
+
+    for name, shape in hardware.TPU_TYPES.items():
+        version = tpu.get_tpu_version_from_type(f"TPU-{name.split('-')[0].upper()}")
+        assert name.startswith(version) and version in ray_tpu.VALID_TPU_TYPES
+        assert ray_tpu.get_total_chips_from_accelerator_type(name) == shape.chips, name
+        assert ray_tpu.get_num_tpu_visible_chips_per_host(name) == shape.chips_per_host, name
+        topologies = [t for t in ray_tpu.VALID_TPU_TOPOLOGY[version]
+                      if ray_tpu.infer_tpu_pod_type_from_topology(t, f"TPU-{version}") == name]
+        assert topologies, f"no {version} topology Ray knows makes {name}"
+    assert hardware.DEFAULT_TPU_CHIPS_PER_HOST == ray_tpu.DEFAULT_TPU_NUM_CHIPS_PER_HOST

@@ -8,7 +8,7 @@ import pytest
 import ray
 import ray.cloudpickle
 
-from griffin_batch.cluster import faults, hardware, pool
+from griffin_batch.cluster import connect, faults, hardware, pool
 
 # Workers cannot import test modules; ship this module's classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -117,8 +117,10 @@ def test_permanent_start_failures_stop_at_the_first_attempt(ray_address, fail, c
         p.shutdown()
 
 
-def test_unschedulable_workers_expire(ray_address):
-    now = [0.0]
+def test_a_worker_waits_for_room_without_a_deadline_then_loads_within_one(ray_address):
+    """Unplaced, a worker is the autoscaler's demand and never expires; once Ray places it,
+    the start timeout runs."""
+    now, placed = [0.0], [False]
     spec = hardware.WorkerSpec(
         accelerator=hardware.Accelerator.TPU,
         num_cpus=0.0,
@@ -128,15 +130,44 @@ def test_unschedulable_workers_expire(ray_address):
         hosts=1,
         description="test",
     )
-    p = pool.WorkerPool(
-        Loader, (), spec, size=1, max_replacements=0, start_timeout_s=30.0, clock=lambda: now[0]
-    )
+    p = pool.WorkerPool(Loader, (), spec, size=1, max_replacements=0, start_timeout_s=30.0,
+                        clock=lambda: now[0], placed=lambda w: placed[0])
     p.start()
     try:
-        assert p.expire_starting() == []
-        now[0] = 31.0
+        (waiting,) = p.workers
+        now[0] = 3600.0  # an hour with no node: still waiting
+        assert p.expire_starting() == [] and p.waiting_for_room == [waiting]
+        placed[0], now[0] = True, 3610.0  # placements are read every faults.CLUSTER_POLL_S
+        assert p.expire_starting() == [] and waiting.placed_at == 3610.0
+        now[0] = 3641.0
         (expired,) = p.expire_starting()
-        assert "not ready after 30s" in expired.lost
+        assert "not ready 30s after Ray placed it" in expired.lost
         assert p.exhausted
+    finally:
+        p.shutdown()
+
+
+def test_a_worker_ray_cannot_place_has_no_address(ray_address):
+    spec = hardware.WorkerSpec(accelerator=hardware.Accelerator.TPU, num_cpus=0.0, num_gpus=0.0,
+                               resources={"TPU": 4.0}, capacity=1, hosts=1, description="test")
+    p = pool.WorkerPool(Loader, (), spec, size=1)
+    p.start()
+    try:
+        (w,) = p.workers
+        assert not connect.actor_placed(w.handle)
+    finally:
+        p.shutdown()
+
+
+def test_resize_grows_and_release_shrinks_without_a_loss(ray_address):
+    p = pool.WorkerPool(Loader, (), CPU_SPEC, size=1, max_replacements=0)
+    p.start()
+    try:
+        assert len(p.resize(3)) == 2 and len(p.live) == 3
+        _wait_ready(p)
+        first = p.in_service[0]
+        p.release(first, "no work left for it")
+        assert first.released and first.lost == "released: no work left for it"
+        assert len(p.live) == 2 and p.size == 2 and p.last_error is None
     finally:
         p.shutdown()

@@ -18,24 +18,20 @@ import json
 import os
 import pathlib
 import re
-import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 from job_helpers import assert_exactly_once, committed_shards, read_output
+from ray_head import kill_session, private_head
 
 from griffin_batch.actors import shards
 from griffin_batch.cluster import connect, faults, pool
 from griffin_batch.jobs import generate, scheduler
 from griffin_batch.jobs import manifest as manifest_lib
 
-BIN = pathlib.Path(sys.executable).parent
 PROG = "python -m griffin_batch.jobs.generate"
 START_TIMEOUT_S = 240.0  # the head, then a worker's first JAX compile on a busy 2-core machine
 EXIT_WITHIN_S = 60.0
@@ -138,6 +134,8 @@ class _OneWorker:
         worker.info = {}
         self.in_service = [worker]
 
+    waiting_for_room = ()
+
     def starting(self):
         return {}
 
@@ -194,12 +192,6 @@ def test_scheduler_gives_up_every_shard_not_committed_when_the_cluster_is_lost(r
 # The command line against a head that disappears. -----------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head(jax_cache):
     """A Ray head in a session of its own; yields (address, env, session id).
@@ -207,68 +199,8 @@ def ray_head(jax_cache):
     Its workers share the session's JAX compilation cache (``jax_cache`` sets it in
     the environment that the head and the driver inherit).
     """
-    # Short: Ray's socket paths live under it and must fit in 107 bytes.
-    temp = tempfile.mkdtemp(prefix="gb-lost-", dir="/tmp")
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-    }
-    env.pop("RAY_ADDRESS", None)
-    port = _free_port()
-    # Ports of its own: the session's cluster holds the defaults.
-    own_ports = [
-        f"--{name}={_free_port()}"
-        for name in (
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "metrics-export-port",
-            "runtime-env-agent-port",
-            "ray-client-server-port",
-        )
-    ]
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            *own_ports,
-            "--include-dashboard=false",
-            "--num-cpus=2",
-            f"--temp-dir={temp}",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not connect.answers(address, 1.0):
-            assert head.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline, f"no Ray head at {address}"
-            time.sleep(0.2)
-        yield address, env, head.pid
-    finally:
-        _kill_session(head.pid)
-        head.wait(timeout=30)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _kill_session(sid: int) -> None:
-    """SIGKILLs every process of session ``sid`` (Ray puts each worker in a group of its own)."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    os.kill(int(entry), signal.SIGKILL)
-            except OSError:  # gone already
-                pass
+    with private_head() as head:
+        yield head
 
 
 def _command(inputs: str, out: str, address: str, *extra: str) -> list[str]:
@@ -311,7 +243,7 @@ def test_driver_whose_cluster_disappears_exits_3_and_resumes(
         )  # fmt: skip
     try:
         _wait_for_a_commit(driver, out, log)
-        _kill_session(head_session)
+        kill_session(head_session)
         killed = time.monotonic()
         code = driver.wait(timeout=EXIT_WITHIN_S + 30)
         exited_s = time.monotonic() - killed

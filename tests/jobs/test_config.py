@@ -4,7 +4,6 @@ import dataclasses
 
 import pytest
 
-from griffin_batch.cluster import hardware
 from griffin_batch.jobs import config as config_lib
 from griffin_batch.jobs import driver, generate
 from griffin_batch.model.engine_config import EngineConfig
@@ -69,42 +68,18 @@ def test_fingerprint_holds_only_output_deciding_options():
     )
 
 
-def _spec(capacity: int, hosts: int = 1, accelerator=hardware.Accelerator.TPU):
-    return hardware.WorkerSpec(
-        accelerator=accelerator,
-        num_cpus=0.0,
-        num_gpus=0.0,
-        resources={"TPU": 4.0},
-        capacity=capacity,
-        hosts=hosts,
-        description="4 TPU chip(s) per worker (one per host)",
-    )
-
-
 @pytest.mark.parametrize(
-    ("capacity", "cluster", "todo", "expected"),
+    ("cluster", "low", "high"),
     [
-        (4, config_lib.ClusterConfig(), 100, 4),  # one per host by default
-        (4, config_lib.ClusterConfig(max_workers=2), 100, 2),
-        (4, config_lib.ClusterConfig(workers=3), 100, 3),
-        (4, config_lib.ClusterConfig(), 2, 2),  # never more workers than shards
+        (config_lib.ClusterConfig(), 1, None),  # one per host present, growing as nodes join
+        (config_lib.ClusterConfig(workers=3), 3, 3),
+        (config_lib.ClusterConfig(min_workers=2, max_workers=8), 2, 8),
+        (config_lib.ClusterConfig(max_workers=8), 1, 8),
     ],
 )
-def test_worker_count(capacity, cluster, todo, expected):
-    assert driver.worker_count(_spec(capacity, hosts=capacity), cluster, todo) == expected
-
-
-@pytest.mark.parametrize(
-    ("capacity", "cluster", "message"),
-    [
-        (0, config_lib.ClusterConfig(), "room for 0 tpu worker"),
-        (2, config_lib.ClusterConfig(workers=3), "--workers 3: the cluster has room for 2"),
-        (2, config_lib.ClusterConfig(min_workers=3), "--min-workers 3: the cluster has room for 2"),
-    ],
-)
-def test_cluster_too_small_is_named(capacity, cluster, message):
-    with pytest.raises(config_lib.JobInputError, match=message):
-        driver.worker_count(_spec(capacity), cluster, 10)
+def test_worker_options_become_the_pools_bounds(cluster, low, high):
+    policy = _job(cluster=cluster).scaling()
+    assert (policy.min_workers, policy.max_workers) == (low, high)
 
 
 def test_engine_sizing_errors_name_the_flag():

@@ -180,8 +180,13 @@ def test_job_on_s3_commits_every_row_once(s3_server, write_parquet, prompts, job
     ids = [f"r{i}" for i in range(10)]
     write_parquet(f"{bucket}/in/a.parquet", {"id": ids, "prompt": (prompts * 2)[:10]})
     out = f"{bucket}/jobs/run1"
-    result = driver.run(job_config([f"{bucket}/in"], out), say=lambda _: None)
+    # moto's keys live in FSSPEC_S3 here; real workers would use their node's own.
+    said = []
+    result = driver.run(job_config([f"{bucket}/in"], out, forward_credentials=True),
+                        say=said.append)
     assert result.succeeded and result.summary["shards"]["committed"] == 3
+    assert "forwarding credentials to workers: FSSPEC_S3 (values not shown)" in said
+    assert not any("testing" in line for line in said)  # the key itself is never printed
 
     assert_exactly_once(read_output(out), ids)
     done = manifest.OutputDir(out)

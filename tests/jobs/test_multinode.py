@@ -1,4 +1,4 @@
-"""Several Ray nodes on one machine, two of them standing in for TPU hosts; one host is lost mid-job."""
+"""Several Ray nodes on one machine standing in for TPU hosts: hosts join and leave mid-job."""
 
 import json
 import os
@@ -16,17 +16,20 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 START_TIMEOUT_S = 300.0
 CHIPS_PER_HOST = 4
+SLICE_LABEL = "ray.io/tpu-slice-name"  # ray._raylet.RAY_NODE_TPU_SLICE_NAME_KEY
 
 
 @pytest.fixture(scope="module")
 def tpu_cluster(jax_cache):
-    """A head node without accelerators plus two "TPU hosts" (a custom TPU resource each)."""
+    """A head node without accelerators plus two "TPU hosts" (a custom TPU resource each) of one
+    multi-host slice (the label Ray puts on the hosts of a slice)."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
     )
-    hosts = [cluster.add_node(num_cpus=1, resources={"TPU": CHIPS_PER_HOST}) for _ in range(2)]
+    hosts = [cluster.add_node(num_cpus=1, resources={"TPU": CHIPS_PER_HOST},
+                              labels={SLICE_LABEL: "slice-a"}) for _ in range(2)]
     cluster.wait_for_nodes()
     try:
         yield cluster, hosts
@@ -34,7 +37,13 @@ def tpu_cluster(jax_cache):
         cluster.shutdown()
 
 
-def test_lost_tpu_host_loses_no_rows(tmp_path, write_parquet, prompts, tpu_cluster):
+def test_a_joining_host_gets_a_worker_and_a_lost_one_loses_no_rows(
+    tmp_path, write_parquet, prompts, tpu_cluster
+):
+    """The pool asks for a worker more than the two hosts hold; a host added mid-job gets it
+    within seconds and takes shards. Then one host of the two-host slice is removed: the
+    slice's other worker checkpoints and stops too (a slice is preempted whole), and every
+    row still comes back once."""
     cluster, hosts = tpu_cluster
     ids = [f"h{i:03d}" for i in range(60)]
     inputs = write_parquet(
@@ -43,38 +52,23 @@ def test_lost_tpu_host_loses_no_rows(tmp_path, write_parquet, prompts, tpu_clust
     )
     out = str(tmp_path / "out")
     log_path = tmp_path / "job.log"
+    command = [
+        sys.executable, "-m", "griffin_batch.jobs.generate", "--input", inputs, "--output", out,
+        "--address", cluster.address, "--shard-rows", "3", "--max-workers", "3",
+        "--slots", "4", "--decode-steps", "8", "--max-tokens", "16",
+    ]
     with open(log_path, "w") as log:
-        job = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "griffin_batch.jobs.generate",
-                "--input",
-                inputs,
-                "--output",
-                out,
-                "--address",
-                cluster.address,
-                "--shard-rows",
-                "3",
-                "--slots",
-                "4",
-                "--decode-steps",
-                "8",
-                "--max-tokens",
-                "8",
-            ],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        job = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
+            wait_for(lambda: job.poll() is not None or "starting 3" in log_path.read_text(),
+                     START_TIMEOUT_S, "the pool to start")
+            joined = cluster.add_node(num_cpus=1, resources={"TPU": CHIPS_PER_HOST})
             wait_for(
                 lambda: (
                     job.poll() is not None
                     or (
                         os.path.isdir(f"{out}/{manifest.COMMITS_DIR}")
-                        and len(committed_shards(out)) >= 2
+                        and len(committed_shards(out)) >= 4
                     )
                 ),
                 START_TIMEOUT_S,
@@ -86,16 +80,22 @@ def test_lost_tpu_host_loses_no_rows(tmp_path, write_parquet, prompts, tpu_clust
             if job.poll() is None:
                 job.kill()
     text = log_path.read_text()
-    assert "starting 2 tpu worker(s), 4 TPU chip(s) per worker (one per host)" in text
+    assert "starting 3 tpu worker(s), 4 TPU chip(s) per worker (one per host)" in text
+    assert "the cluster has room for 2 now" in text
 
     assert_exactly_once(read_output(out), ids)
     summary = json.loads(pathlib.Path(f"{out}/summary.json").read_text())
     assert summary["shards"]["committed"] == 20 and summary["status"] == "succeeded"
     workers = summary["workers"]
-    assert len({w["node_id"] for w in workers if w.get("node_id")}) == 2  # one per host
-    (lost,) = [w for w in workers if w["lost"]]
-    assert lost["ready"] and "died" in lost["lost"].lower()
-    assert summary["retries"]["preempted"] >= 1  # its in-flight shards ran on the other host
+    (newcomer,) = [w for w in workers if w.get("node_id") == joined.node_id]
+    assert newcomer["shards"] >= 1, workers  # the joining host took work
+    lost = [w for w in workers if w["lost"]]
+    assert any(w["ready"] and "died" in w["lost"].lower() for w in lost), lost
+    assert any("TPU slice slice-a lost host" in w["lost"] for w in lost), lost
+    assert summary["retries"]["preempted"] >= 1  # its in-flight shards ran on another host
+    print(f"joined host: placed {newcomer['placed_at_s']}s, ready {newcomer['ready_at_s']}s, "
+          f"first shard {newcomer['first_shard_at_s']}s after the job started; "
+          f"pool: {summary['pool']}")
 
 
 def test_draining_nodes_hand_their_shards_on_mid_sequence(
