@@ -4,7 +4,8 @@ The folders ``model/``, ``kernels/``, ``actors/``, ``jobs/`` and ``cluster/`` in
 ``griffin_batch.<name>``. Hugging Face's ``kernels`` package (a dependency of current
 transformers) must win the bare name ``kernels`` everywhere, the repository root included,
 so ``kernels/`` has no ``__init__.py``. The slow test builds the wheel and installs it into
-a fresh venv beside transformers, as a user would.
+a fresh venv beside transformers, as a user would; with uv, reading pip's own configuration
+(indexes, find-links, constraints), because pip takes minutes to unpack the ML stack.
 """
 
 from __future__ import annotations
@@ -28,6 +29,27 @@ def _run(cmd, *, cwd=ROOT, env=None, timeout=300) -> subprocess.CompletedProcess
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+def _uv_env() -> dict[str, str]:
+    """This environment, plus pip's configuration (files and ``PIP_*``) as uv reads it.
+
+    Resolving like pip: every index, best version across them.
+    """
+    config = _run([sys.executable, "-m", "pip", "config", "list"]).stdout
+    pip = {}
+    for line in config.splitlines():
+        key, _, value = line.partition("=")
+        pip[key.rsplit(".", 1)[-1]] = value.strip().strip("'\"")
+    for name in ("index-url", "extra-index-url", "find-links", "constraint"):
+        env_value = os.environ.get("PIP_" + name.upper().replace("-", "_"))
+        if env_value:
+            pip[name] = env_value
+    uv = {"index-url": "UV_DEFAULT_INDEX", "extra-index-url": "UV_INDEX",
+          "find-links": "UV_FIND_LINKS", "constraint": "UV_CONSTRAINT"}
+    env = {**os.environ, "UV_INDEX_STRATEGY": "unsafe-best-match"}
+    env.update({uv[k]: v for k, v in pip.items() if k in uv and v})
+    return env
 
 
 def test_lint_passes_and_bans_bare_folder_imports():
@@ -104,8 +126,8 @@ def test_wheel_installs_beside_transformers(tmp_path):
     _run([sys.executable, "-m", "venv", str(venv)])
     py = venv / "bin" / "python"
     # Current transformers (it brings Hugging Face's `kernels`) and the CPU torch on local disk.
-    _run([str(py), "-m", "pip", "install", "-q", str(wheel), "transformers", "torch==2.13.0"],
-         timeout=900)
+    _run([str(BIN / "uv"), "pip", "install", "-q", "--python", str(py), str(wheel),
+          "transformers", "torch==2.13.0"], env=_uv_env(), timeout=900)
     site = pathlib.Path(
         _run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
     )
