@@ -125,6 +125,51 @@ def tpu_type(name: str) -> TpuType:
         raise ValueError(f"unknown TPU type {name!r}; known: {sorted(TPU_TYPES)}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+    """A multi-host slice as Ray's TPU utilities reserve it (``ray.util.tpu.SlicePlacementGroup``).
+
+    Attributes:
+      pod_type: Cloud TPU accelerator type, e.g. ``v5p-16``.
+      version: Accelerator version, e.g. ``v5p``.
+      topology: Chip topology Ray reserves, e.g. ``2x2x2``.
+      hosts: Hosts (Ray nodes, one worker each).
+      chips_per_host: Chips each host holds.
+    """
+
+    pod_type: str
+    version: str
+    topology: str
+    hosts: int
+    chips_per_host: int
+
+
+def tpu_slice(pod_type: str) -> TpuSlice:
+    """The slice shape of ``pod_type`` for whole-slice reservations.
+
+    Raises:
+      ValueError: Unknown or single-host type (the message names the multi-host ones).
+    """
+    from ray._private.accelerators import tpu as ray_tpu
+    from ray.util import tpu
+
+    shape = tpu_type(pod_type)
+    multi = sorted(n for n, t in TPU_TYPES.items() if t.hosts > 1)
+    if shape.hosts < 2:
+        raise ValueError(f"{pod_type} is a single-host slice; --tpu-slice takes a multi-host "
+                         f"one: {multi}")
+    version = tpu.get_tpu_version_from_type(f"TPU-{shape.name.split('-')[0].upper()}")
+    # Ray's own topologies for the type; the squarest one when several have as many chips.
+    topologies = sorted(
+        (t for t in ray_tpu.VALID_TPU_TOPOLOGY[version]
+         if ray_tpu.infer_tpu_pod_type_from_topology(t, f"TPU-{version}") == shape.name),
+        key=lambda t: (max(map(int, t.split("x"))), t))
+    if not topologies:
+        raise ValueError(f"Ray knows no {version} topology for {pod_type}")
+    return TpuSlice(pod_type=shape.name, version=version, topology=topologies[0],
+                    hosts=shape.hosts, chips_per_host=shape.chips_per_host)
+
+
 def tpu_type_of_node(resources: Mapping[str, float]) -> TpuType | None:
     """The slice type a node advertises through Ray's ``TPU-<type>-head`` resource, if any."""
     for key in resources:

@@ -29,6 +29,7 @@ from typing import Any
 import ray
 
 from griffin_batch.cluster import connect, faults, hardware
+from griffin_batch.cluster import slices as tpu_slices
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Worker:
       placed_at: Monotonic time the pool saw Ray place it on a node.
       lost: Why it was removed, None while in service.
       released: Removed because there was no work left for it (not a loss).
+      tpu_slice: The reserved slice it runs in (``slices``), or None.
     """
 
     index: int
@@ -60,6 +62,7 @@ class Worker:
     placed_at: float | None = None
     lost: str | None = None
     released: bool = False
+    tpu_slice: Any = None
 
     @property
     def ready(self) -> bool:
@@ -82,6 +85,9 @@ class WorkerPool:
       clock: Monotonic clock (seconds).
       placed: Whether Ray has placed a worker's actor on a node (default:
         ``connect.actor_placed``; asked at most every ``faults.CLUSTER_POLL_S``).
+      slices: Reserve whole multi-host TPU slices and run one worker per host in
+        each; the pool then grows by slices, and a lost worker is replaced with
+        the next slice.
     """
 
     def __init__(
@@ -98,11 +104,13 @@ class WorkerPool:
         name_prefix: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         placed: Callable[[Worker], bool] | None = None,
+        slices: tpu_slices.SliceReservations | None = None,
     ):
         if size < 1:
             raise ValueError(f"pool size must be >= 1, got {size}")
         self._placed = placed or (lambda w: connect.actor_placed(w.handle))
         self._placements_checked = float("-inf")
+        self.slices = slices
         options = dict(
             spec.ray_options(), max_concurrency=max_concurrency, max_restarts=0, max_task_retries=0
         )
@@ -124,13 +132,17 @@ class WorkerPool:
     # Lifecycle --------------------------------------------------------------
     def start(self) -> None:
         """Requests the initial workers (returns at once; see ``on_ready``)."""
+        if self.slices is not None:
+            self.resize(self.size)
+            return
         for _ in range(self.size):
             self._spawn()
 
-    def _spawn(self) -> Worker:
+    def _spawn(self, options: Mapping[str, Any] | None = None) -> Worker:
         index = len(self.workers)
         name = f"{self.name_prefix}-{index}"
-        handle = self._remote.options(name=name, **self._options).remote(*self._init_args)
+        handle = self._remote.options(name=name, **{**self._options, **(options or {})}).remote(
+            *self._init_args)
         worker = Worker(
             index=index,
             name=name,
@@ -150,8 +162,9 @@ class WorkerPool:
         if worker.lost is not None:
             return None
         self._retire(worker, reason)
-        if self.replaced >= self.max_replacements or len(self.live) >= self.size:
-            return None
+        if (self.slices is not None or self.replaced >= self.max_replacements
+                or len(self.live) >= self.size):
+            return None  # a slice pool replaces by whole slices, on its next resize
         self.replaced += 1
         return self._spawn()
 
@@ -162,7 +175,36 @@ class WorkerPool:
           The workers started.
         """
         self.size = max(size, 0)
+        if self.slices is not None:
+            hosts = self.slices.shape.hosts
+            missing = self.size - len(self.live) - self.slices.pending * hosts
+            self.slices.request(-(-missing // hosts))
+            return []
         return [self._spawn() for _ in range(self.size - len(self.live))]
+
+    @property
+    def pending_slots(self) -> int:
+        """Workers to come from slices still being reserved."""
+        return 0 if self.slices is None else self.slices.pending * self.slices.shape.hosts
+
+    def drop_pending(self) -> None:
+        """Gives up slices still being reserved (no work is left for them)."""
+        if self.slices is not None:
+            self.slices.drop()
+
+    def _adopt_slices(self) -> None:
+        """Starts one worker per host of each slice reserved since the last call."""
+        if self.slices is None:
+            return
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        now = self._clock()
+        for handle in self.slices.ready():
+            for bundle in range(self.slices.shape.hosts):
+                strategy = PlacementGroupSchedulingStrategy(
+                    placement_group=handle.placement_group, placement_group_bundle_index=bundle)
+                worker = self._spawn({"scheduling_strategy": strategy})
+                worker.tpu_slice, worker.placed_at = handle, now  # the bundle holds its host
 
     def release(self, worker: Worker, reason: str) -> None:
         """Removes ``worker`` because there is no work for it (its node may scale down); not a loss."""
@@ -173,12 +215,16 @@ class WorkerPool:
         self.size = max(0, self.size - 1)
 
     def shutdown(self) -> None:
-        """Kills every worker still in service or starting."""
+        """Kills every worker still in service or starting; gives back every slice."""
         for w in self.workers:
             if w.lost is None:
                 w.lost = "shut down"
                 with contextlib.suppress(Exception):
                     ray.kill(w.handle, no_restart=True)
+        self.drop_pending()
+        for handle in {id(w.tpu_slice): w.tpu_slice for w in self.workers if w.tpu_slice}.values():
+            with contextlib.suppress(Exception):
+                handle.shutdown()
 
     # Readiness --------------------------------------------------------------
     def starting(self) -> dict[ray.ObjectRef, Worker]:
@@ -217,6 +263,10 @@ class WorkerPool:
         log.log(level, "worker %s lost: %s", worker.name, reason)
         with contextlib.suppress(Exception):  # already gone is fine
             ray.kill(worker.handle, no_restart=True)
+        handle = worker.tpu_slice
+        if handle is not None and all(w.lost for w in self.workers if w.tpu_slice is handle):
+            with contextlib.suppress(Exception):  # its last worker: the slice can go
+                handle.shutdown()
 
     def note_placements(self) -> None:
         """Records which starting workers Ray has placed (at most every ``faults.CLUSTER_POLL_S``)."""
@@ -229,7 +279,9 @@ class WorkerPool:
                 w.placed_at = now
 
     def expire_starting(self) -> list[Worker]:
-        """Drops placed workers that have not become ready within the start timeout."""
+        """Starts the workers of newly reserved slices; drops placed workers that have not
+        become ready within the start timeout."""
+        self._adopt_slices()
         self.note_placements()
         now, expired = self._clock(), []
         for w in list(self.starting().values()):
@@ -257,4 +309,4 @@ class WorkerPool:
     @property
     def exhausted(self) -> bool:
         """No worker is ready or starting, and none will be started."""
-        return not any(w.lost is None for w in self.workers)
+        return not any(w.lost is None for w in self.workers) and not self.pending_slots

@@ -164,6 +164,11 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0
     """CPUs a CPU worker reserves."""
 
+    tpu_slice: str | None = None
+    """Reserve whole multi-host TPU slices of this type (``v5p-16``, ``v5litepod-32``) with
+    Ray's ``SlicePlacementGroup`` and run one worker per host of each: the pool grows
+    and shrinks by slices. None: TPU hosts are taken one by one."""
+
     forward_credentials: bool = False
     """Send this process's storage credentials (``AWS_*`` keys, ``GOOGLE_APPLICATION_CREDENTIALS``,
     fsspec options holding keys or tokens) to workers in Ray's runtime environment.
@@ -334,5 +339,15 @@ def _validate_cluster(c: ClusterConfig) -> None:
         )
     if c.max_preemptions < 0 or c.max_failures < 0:
         raise JobInputError("retry budgets must be >= 0")
+    if c.tpu_slice is not None:
+        try:
+            shape = hardware.tpu_slice(c.tpu_slice)
+        except ValueError as e:
+            raise JobInputError(f"--tpu-slice: {e}") from None
+        if c.accelerator not in ("auto", "tpu"):
+            raise JobInputError(f"--tpu-slice needs TPU workers, not --accelerator {c.accelerator}")
+        if c.tpu_chips_per_worker not in (None, shape.chips_per_host):
+            raise JobInputError(f"--tpu-chips-per-worker {c.tpu_chips_per_worker}: a {shape.pod_type} "
+                                f"host has {shape.chips_per_host} chips")
     if not c.wait_for_workers_s >= 0:
         raise JobInputError(f"--wait-for-workers must be >= 0 seconds, got {c.wait_for_workers_s}")

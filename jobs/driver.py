@@ -20,7 +20,7 @@ from typing import Any
 import fsspec
 
 from griffin_batch.actors import shards, worker
-from griffin_batch.cluster import connect, faults, hardware, pool
+from griffin_batch.cluster import connect, faults, hardware, pool, slices
 from griffin_batch.jobs import config as config_lib
 from griffin_batch.jobs import manifest, planner, progress, scheduler
 
@@ -177,13 +177,14 @@ def _worker_spec(config: config_lib.JobConfig, like: hardware.WorkerSpec | None 
     moment only change the room).
     """
     c = config.cluster
+    shape = hardware.tpu_slice(c.tpu_slice) if c.tpu_slice else None
     return hardware.worker_spec(
         connect.nodes(),
-        like.accelerator if like else c.accelerator,
+        like.accelerator if like else "tpu" if shape else c.accelerator,
         gpus_per_worker=c.gpus_per_worker,
         cpus_per_worker=c.cpus_per_worker,
         tpu_chips=int(like.resources.get(hardware.TPU_RESOURCE, 0)) if like else
-        c.tpu_chips_per_worker,
+        shape.chips_per_host if shape else c.tpu_chips_per_worker,
     )
 
 
@@ -204,7 +205,14 @@ def _start_pool(
     policy = config.scaling()
     size = max(min(policy.min_workers, todo), policy.target(
         capacity=spec.default_workers(), busy=0, queued=todo))
-    say(f"starting {size} {spec.accelerator.value} worker(s), {spec.description}")
+    shape = hardware.tpu_slice(config.cluster.tpu_slice) if config.cluster.tpu_slice else None
+    if shape is not None:
+        size = -(-size // shape.hosts) * shape.hosts  # whole slices
+        say(f"starting {size} tpu worker(s) in {size // shape.hosts} {shape.pod_type} slice(s) "
+            f"of {shape.hosts} hosts ({shape.topology}), reserved with Ray's "
+            f"SlicePlacementGroup; {spec.description}")
+    else:
+        say(f"starting {size} {spec.accelerator.value} worker(s), {spec.description}")
     withheld = connect.withheld_credentials()
     if withheld and config.cluster.forward_credentials:
         say(f"forwarding credentials to workers: {', '.join(withheld)} (values not shown)")
@@ -225,6 +233,7 @@ def _start_pool(
         max_concurrency=config.shards_in_flight() + 2,
         max_replacements=2 * max(size, policy.max_workers or 0),
         start_timeout_s=config.cluster.start_timeout_s,
+        slices=slices.SliceReservations(shape) if shape else None,
     )
     workers.start()
     return workers, room

@@ -151,6 +151,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--gpus-per-worker", type=float, default=1.0)
     c.add_argument("--cpus-per-worker", type=float, default=1.0)
     c.add_argument(
+        "--tpu-slice",
+        metavar="POD_TYPE",
+        help="reserve whole multi-host TPU slices of this type (e.g. v5p-16) with Ray's slice "
+        "placement groups, one worker per host; the pool grows and shrinks by slices",
+    )
+    c.add_argument(
         "--forward-credentials",
         action="store_true",
         help="send this shell's storage credentials (AWS_* keys, GOOGLE_APPLICATION_CREDENTIALS, "
@@ -233,6 +239,7 @@ def config_from_args(a: argparse.Namespace) -> config_lib.JobConfig:
             wait_for_workers_s=a.wait_for_workers,
             tpu_chips_per_worker=a.tpu_chips_per_worker,
             forward_credentials=a.forward_credentials,
+            tpu_slice=a.tpu_slice,
             accelerator=a.accelerator,
             gpus_per_worker=a.gpus_per_worker,
             cpus_per_worker=a.cpus_per_worker,

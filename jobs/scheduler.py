@@ -184,12 +184,16 @@ class Scheduler:
                 self._give_up_all(self.workers.fatal)
                 break
             waitable = [*self._in_flight, *self.workers.starting()]
-            if not waitable:
+            if not waitable and not self.workers.pending_slots:
                 self._give_up_queued()
                 break
-            ready, _ = ray.wait(
-                waitable, num_returns=1, timeout=faults.POLL_INTERVAL_S, fetch_local=False
-            )
+            if not waitable:  # only slices being reserved: nothing to wait on in Ray yet
+                time.sleep(faults.POLL_INTERVAL_S)
+                ready = []
+            else:
+                ready, _ = ray.wait(
+                    waitable, num_returns=1, timeout=faults.POLL_INTERVAL_S, fetch_local=False
+                )
             if ready:  # collect everything else that is already done
                 ready, _ = ray.wait(
                     waitable, num_returns=len(waitable), timeout=0, fetch_local=False
@@ -272,17 +276,19 @@ class Scheduler:
             for w in self.workers.live:
                 if w.name not in busy and w.name not in self._told_to_drain:
                     self.workers.release(w, "no work left for it")
+            self.workers.drop_pending()
             return
         want = self._scaling.target(capacity=self._room[1], busy=len(busy),
                                     queued=len(self._queue))
         if not self._min_ready:
             want = max(want, self._min_needed)
-        if want > len(self.workers.live):
+        if want > len(self.workers.live) + self.workers.pending_slots:
             self.workers.resize(want)
 
     def _record_pool(self) -> None:
         entry = {"ready": len(self.workers.in_service), "starting": len(self.workers.starting()),
-                 "waiting_for_room": len(self.workers.waiting_for_room)}
+                 "waiting_for_room": len(self.workers.waiting_for_room)
+                 + self.workers.pending_slots}
         if not self.timeline or any(self.timeline[-1][k] != v for k, v in entry.items()):
             self.timeline.append({"t": round(self._clock() - self._started, 2), **entry})
 

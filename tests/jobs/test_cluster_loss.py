@@ -135,6 +135,7 @@ class _OneWorker:
         self.in_service = [worker]
 
     waiting_for_room = ()
+    pending_slots = 0
 
     def starting(self):
         return {}

@@ -22,19 +22,48 @@ SLICE_LABEL = "ray.io/tpu-slice-name"  # ray._raylet.RAY_NODE_TPU_SLICE_NAME_KEY
 @pytest.fixture(scope="module")
 def tpu_cluster(jax_cache):
     """A head node without accelerators plus two "TPU hosts" (a custom TPU resource each) of one
-    multi-host slice (the label Ray puts on the hosts of a slice)."""
+    two-host v5p-16 slice, labelled as Ray labels a real slice's hosts."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
     )
-    hosts = [cluster.add_node(num_cpus=1, resources={"TPU": CHIPS_PER_HOST},
-                              labels={SLICE_LABEL: "slice-a"}) for _ in range(2)]
+    # What Ray puts on the hosts of a v5p-16 slice: its name, pod type and worker ids as
+    # labels, and the slice's head resource on worker 0 (ray.util.tpu reserves by these).
+    hosts = [cluster.add_node(
+        num_cpus=1,
+        resources={"TPU": CHIPS_PER_HOST, **({"TPU-v5p-16-head": 1} if i == 0 else {})},
+        labels={SLICE_LABEL: "slice-a", "ray.io/tpu-pod-type": "v5p-16",
+                "ray.io/tpu-worker-id": str(i), "ray.io/accelerator-type": "TPU-V5P"},
+        env_vars={"TPU_NAME": "slice-a"},  # where a TPU VM's runtime names its slice
+    ) for i in range(2)]
     cluster.wait_for_nodes()
     try:
         yield cluster, hosts
     finally:
         cluster.shutdown()
+
+
+def test_whole_slices_are_reserved_with_rays_slice_placement_group(
+    tmp_path, write_parquet, prompts, tpu_cluster
+):
+    """--tpu-slice: the pool reserves the slice as a unit (Ray's SlicePlacementGroup: its head
+    resource, then a bundle per host) and puts one worker on each of its hosts."""
+    cluster, hosts = tpu_cluster
+    ids = [f"s{i}" for i in range(8)]
+    inputs = write_parquet(str(tmp_path / "in.parquet"), {"id": ids, "prompt": prompts[:8]})
+    out = str(tmp_path / "out")
+    job = subprocess.run(
+        [sys.executable, "-m", "griffin_batch.jobs.generate", "--input", inputs, "--output", out,
+         "--address", cluster.address, "--shard-rows", "2", "--tpu-slice", "v5p-16",
+         "--slots", "4", "--decode-steps", "8", "--max-tokens", "8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert "starting 2 tpu worker(s) in 1 v5p-16 slice(s) of 2 hosts (2x2x2)" in job.stderr
+    assert_exactly_once(read_output(out), ids)
+    summary = json.loads(pathlib.Path(f"{out}/summary.json").read_text())
+    placed = {w["node_id"] for w in summary["workers"] if w.get("node_id")}
+    assert placed == {h.node_id for h in hosts}  # one worker per host of the slice
 
 
 def test_a_joining_host_gets_a_worker_and_a_lost_one_loses_no_rows(
