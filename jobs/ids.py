@@ -6,14 +6,15 @@ integer column and ``"1"`` in a text one) would be indistinguishable. The
 check compares ids as the output writes them (``columns.id_texts``), rows
 without an id included (``<file>#<row>``).
 
-Memory: 8 bytes per row (a 64-bit hash of each id), plus one file's ids at a
-time; the rare hash collision is settled by comparing the ids themselves.
+Memory: 8 bytes per row (a 64-bit hash of each id), plus ``BATCH_ROWS`` ids
+per reading thread; the rare hash collision is settled by comparing the ids
+themselves in a second pass over the files that hold one.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -28,6 +29,8 @@ SHOWN = 5
 """Duplicates an error lists."""
 
 _READ_THREADS = 8  # id columns come from object stores; latency bounds this
+BATCH_ROWS = 65536
+"""Ids turned into text and hashed at a time, per thread."""
 
 
 def check_unique(files: Sequence, id_column: str | None) -> None:
@@ -41,7 +44,7 @@ def check_unique(files: Sequence, id_column: str | None) -> None:
     if not any(column in f.columns for f in files):
         return  # every id is <file key>#<row>: unique by construction
     with concurrent.futures.ThreadPoolExecutor(max(1, min(_READ_THREADS, len(files)))) as pool:
-        hashes = list(pool.map(lambda f: _hash(_texts(f, column) or []), files))
+        hashes = list(pool.map(lambda f: _file_hashes(f, column), files))
     every = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
     values, counts = np.unique(every, return_counts=True)
     suspects = values[counts > 1]
@@ -50,16 +53,16 @@ def check_unique(files: Sequence, id_column: str | None) -> None:
     seen: dict[str, tuple[str, int]] = {}
     repeats: dict[str, list[tuple[str, int]]] = {}
     for f, h in zip(files, hashes, strict=True):
-        rows = np.flatnonzero(np.isin(h, suspects))
-        if not len(rows):
+        rows = set(np.flatnonzero(np.isin(h, suspects)).tolist())
+        if not rows:
             continue
-        texts = _texts(f, column) or []
-        for row in rows.tolist():
-            text = texts[row]
-            if text in seen:
-                repeats.setdefault(text, [seen[text]]).append((f.url, row))
-            else:
-                seen[text] = (f.url, row)
+        for start, texts in _batches(f, column):
+            for row in (r for r in range(start, start + len(texts)) if r in rows):
+                text = texts[row - start]
+                if text in seen:
+                    repeats.setdefault(text, [seen[text]]).append((f.url, row))
+                else:
+                    seen[text] = (f.url, row)
     if repeats:
         shown = "; ".join(
             f"{text!r} at " + ", ".join(f"{url} row {row}" for url, row in where[:3])
@@ -70,20 +73,35 @@ def check_unique(files: Sequence, id_column: str | None) -> None:
             "--allow-duplicate-ids to run anyway (rows with one id share a random stream)")
 
 
-def _texts(f, column: str) -> list[str] | None:
-    """The file's ids as the output writes them; None when its id column cannot be read
-    (its shards fail on the worker, naming the file, and the rest of the job goes on)."""
-    fallback = [f"{f.key}#{i}" for i in range(f.num_rows)]
+def _file_hashes(f, column: str) -> np.ndarray:
+    parts = [_hash(texts) for _, texts in _batches(f, column)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+
+
+def _batches(f, column: str) -> Iterator[tuple[int, list[str]]]:
+    """(first row, ids as the output writes them) of each batch of the file.
+
+    A file whose id column cannot be read yields nothing: its shards fail on the
+    worker, naming the file, and the rest of the job goes on.
+    """
+    def fallback(start: int, count: int) -> list[str]:
+        return [f"{f.key}#{i}" for i in range(start, start + count)]
+
     if column not in f.columns:
-        return fallback
+        for start in range(0, f.num_rows, BATCH_ROWS):
+            yield start, fallback(start, min(BATCH_ROWS, f.num_rows - start))
+        return
     fs, path = fsspec.core.url_to_fs(f.url)
     try:
         with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=[column])
+            start = 0
+            for batch in pq.ParquetFile(handle).iter_batches(BATCH_ROWS, columns=[column]):
+                texts = columns.id_texts(batch.column(0))
+                yield start, [fb if t is None else t
+                              for t, fb in zip(texts, fallback(start, len(texts)), strict=True)]
+                start += len(texts)
     except (pa.ArrowException, OSError, ValueError):
-        return None
-    texts = columns.id_texts(table.column(column))
-    return [fb if t is None else t for t, fb in zip(texts, fallback, strict=True)]
+        return
 
 
 def _hash(texts: list[str]) -> np.ndarray:
