@@ -22,7 +22,7 @@ import fsspec
 from griffin_batch.actors import shards, worker
 from griffin_batch.cluster import connect, faults, hardware, pool, slices
 from griffin_batch.jobs import config as config_lib
-from griffin_batch.jobs import manifest, planner, progress, scheduler
+from griffin_batch.jobs import lifecycle, manifest, planner, progress, scheduler
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class JobResult:
       fatal: Why the job stopped early (a worker that cannot start, e.g. a
         missing package or checkpoint on its host; the cluster lost), or None.
       cluster_lost: The job stopped because its Ray cluster stopped answering.
+      cancelled: Why it was cancelled (``griffin-batch cancel``), or None.
     """
 
     output: str
@@ -47,6 +48,7 @@ class JobResult:
     succeeded: bool
     fatal: str | None = None
     cluster_lost: bool = False
+    cancelled: str | None = None
 
 
 def run(
@@ -92,11 +94,16 @@ def run(
                 f"resuming: {len(committed)} of {len(plan.shards)} shard(s) already committed, "
                 f"{len(todo)} to do"
             )
-        run_state = _RunState(committed_before=dict(committed), started=start)
+        run_state = _RunState(committed_before=dict(committed), started=start,
+                              started_at=time.time())
+        out.put_summary(build_summary(config, plan, run_state, time.monotonic() - start,
+                                      lifecycle.VALIDATING))
         if todo:
             _generate(config, model_spec, plan, out, todo, run_state, say, on_cluster_lost)
+        out.put_summary(build_summary(config, plan, run_state, time.monotonic() - start,
+                                      lifecycle.FINALIZING))
         summary = build_summary(config, plan, run_state, time.monotonic() - start)
-        succeeded = not run_state.report.failed and not plan.unreadable
+        succeeded = summary["status"] == lifecycle.COMPLETED
         out.write_summary(summary, success=succeeded)
         if succeeded:
             _remove_progress(out)  # also what late writers added after their shard committed
@@ -108,6 +115,7 @@ def run(
         succeeded=succeeded,
         fatal=run_state.report.fatal,
         cluster_lost=run_state.report.cluster_lost,
+        cancelled=run_state.report.cancelled,
     )
 
 
@@ -123,6 +131,8 @@ class _RunState:
     startup_s: float | None = None
     cluster: str = ""
     started: float = 0.0
+    started_at: float = 0.0  # wall clock, for readers on other machines
+    status: str = lifecycle.VALIDATING
     loop: scheduler.Scheduler | None = None
 
 
@@ -276,10 +286,26 @@ def _generate(
                 bar.advance(result.rows, result.completion_tokens)
                 _remove_progress(out, result.shard_id)
 
+        checked = {"summary": time.monotonic(), "cancel": 0.0}
+
         def on_tick() -> None:
             out.renew()  # raises LeaseLost when another driver took the output over
+            now = time.monotonic()
             if state.startup_s is None and any(w.ready for w in workers.workers):
-                state.startup_s = time.monotonic() - started
+                state.startup_s = now - started
+                state.status = lifecycle.IN_PROGRESS
+                checked["summary"] = 0.0  # say so now
+            if now - checked["cancel"] >= faults.CLUSTER_POLL_S:
+                checked["cancel"] = now
+                request = out.cancel_requested()
+                if request is not None and state.loop is not None:
+                    state.loop.cancel(f"cancelled from {request.get('host', '?')} (pid "
+                                      f"{request.get('pid', '?')}): committed shards are kept, "
+                                      "running ones checkpointed; --resume finishes the job")
+            if now - checked["summary"] >= lifecycle.SUMMARY_EVERY_S:
+                checked["summary"] = now
+                state.generation_s = now - started
+                out.put_summary(build_summary(config, plan, state, now - state.started))
             bar.workers(len(workers.in_service), len(workers.starting()))
             bar.refresh()
 
@@ -338,8 +364,9 @@ def _abandon(
             fatal=lost,
             cluster_lost=True,
         )
-    summary = build_summary(config, plan, state, time.monotonic() - state.started)
-    succeeded = not state.report.failed
+    status = None if loop is not None and loop.finished else lifecycle.FAILED
+    summary = build_summary(config, plan, state, time.monotonic() - state.started, status)
+    succeeded = summary["status"] == lifecycle.COMPLETED
     try:
         out.write_summary(summary, success=succeeded)
         out.release()
@@ -363,15 +390,29 @@ def _remove_progress(out: manifest.OutputDir, shard_id: str | None = None) -> No
 
 
 def build_summary(
-    config: config_lib.JobConfig, plan: planner.JobPlan, state: _RunState, wall_s: float
+    config: config_lib.JobConfig, plan: planner.JobPlan, state: _RunState, wall_s: float,
+    status: str | None = None,
 ) -> dict[str, Any]:
-    """The contents of ``summary.json``."""
+    """The contents of ``summary.json``, rewritten while the job runs (``jobs.lifecycle``).
+
+    ``status`` names a moment the driver passes through (``validating``,
+    ``finalizing``); None: the run's own state, or its final one once its loop
+    has finished (or never had to start).
+    """
+    report = state.report
+    if status is None and state.loop is not None and not state.loop.finished:
+        status, report = state.status, state.loop.report()  # so far
+    elif status is None:
+        status = lifecycle.final_status(
+            cancelled=report.cancelled is not None, stopped_early=report.fatal is not None,
+            failed_shards=len(report.failed), unreadable_inputs=len(plan.unreadable))
     records = {**state.committed_before, **state.committed_now}
     total = {
         k: sum(getattr(r, k) for r in records.values())
         for k in ("rows", "samples", "error_rows", "prompt_tokens", "completion_tokens")
     }
     new_tokens = sum(r.completion_tokens for r in state.committed_now.values())
+    new_rows = sum(r.rows for r in state.committed_now.values())
     by_id = {s.shard_id: s for s in plan.shards}
     failures = [
         {
@@ -381,18 +422,26 @@ def build_summary(
             "num_rows": by_id[sid].num_rows,
             "error": msg,
         }
-        for sid, msg in sorted(state.report.failed.items())
+        for sid, msg in sorted(report.failed.items())
     ]
-    # A file whose footer cannot be read has no shards; it fails on its own.
+    # A file whose footer cannot be read has no shards (nor a known row count); it fails alone.
     failures += [{"shard_id": None, "path": url, "first_row": 0, "num_rows": None, "error": msg}
                  for url, msg in plan.unreadable]
+    per_s = (lambda n: round(n / state.generation_s, 2)) if state.generation_s else (lambda n: 0.0)
     return {
-        "status": "failed" if failures else "succeeded",
-        "fatal": state.report.fatal,
+        "status": status,
+        "request_counts": lifecycle.request_counts(
+            total=plan.total_rows, committed_rows=total["rows"], error_rows=total["error_rows"],
+            failed_shard_rows=sum(f["num_rows"] or 0 for f in failures)),
+        "started_at": round(state.started_at, 3),
+        "updated_at": round(time.time(), 3),
+        "cancelled": report.cancelled,
+        "fatal": report.fatal,
         "output": config.io.output,
         **total,
         "input_rows": plan.total_rows,
-        "tokens_per_s": round(new_tokens / state.generation_s, 2) if state.generation_s else 0.0,
+        "tokens_per_s": per_s(new_tokens),
+        "rows_per_s": per_s(new_rows),
         "wall_time_s": round(wall_s, 3),
         "generation_s": round(state.generation_s, 3),
         "startup_s": None if state.startup_s is None else round(state.startup_s, 3),
@@ -401,21 +450,21 @@ def build_summary(
             "committed": len(records),
             "resumed": len(state.committed_before),
             "run": len(state.committed_now),
-            "failed": len(state.report.failed),
+            "failed": len(report.failed),
         },
         "unreadable_inputs": len(plan.unreadable),
         "failures": failures,
-        "retries": dict(state.report.retries),
-        "workers": _worker_figures(state),
-        "pool": state.report.timeline,
+        "retries": dict(report.retries),
+        "workers": _worker_figures(state, report),
+        "pool": report.timeline,
         "cluster": state.cluster,
     }
 
 
-def _worker_figures(state: _RunState) -> list[dict[str, Any]]:
+def _worker_figures(state: _RunState, report: scheduler.Report) -> list[dict[str, Any]]:
     figures = []
     for w in state.workers:
-        stats = state.report.stats.get(w.name, scheduler.WorkerStats())
+        stats = report.stats.get(w.name, scheduler.WorkerStats())
         busy = stats.busy_s()
         figures.append(
             {

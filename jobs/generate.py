@@ -294,6 +294,8 @@ def _report(result: driver.JobResult, prog: str) -> int:
             f"to finish {result.output}",
             file=sys.stderr,
         )
+    elif result.cancelled:
+        print(f"{prog}: {result.cancelled}", file=sys.stderr)
     elif result.fatal:
         print(f"{prog}: error: {result.fatal}", file=sys.stderr)
     print(
@@ -307,6 +309,8 @@ def _report(result: driver.JobResult, prog: str) -> int:
     )
     if result.cluster_lost:
         return EXIT_CLUSTER_LOST
+    if result.cancelled:
+        return EXIT_INTERRUPTED
     if result.fatal:
         print(
             "stopped at the first worker that could not start (a retry cannot fix it); "

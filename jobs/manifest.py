@@ -9,7 +9,9 @@ Layout::
     <output>/_manifest/plan.json         the plan and the options that decide outputs
     <output>/_manifest/commits/<id>.json one small record per committed shard
     <output>/_manifest/lease.json        which driver holds the directory, and until when
-    <output>/summary.json, _SUCCESS      written at the end
+    <output>/_manifest/cancel.json       a request to stop (``griffin-batch cancel``)
+    <output>/summary.json                the job's state, rewritten while it runs
+    <output>/_SUCCESS                    written at the end when every shard committed
 
 The output is never the root of a bucket or of a file system, and never holds
 an input file (refused on every run, before the directory is touched).
@@ -87,6 +89,8 @@ MANIFEST_DIR = "_manifest"
 PLAN_FILE = f"{MANIFEST_DIR}/plan.json"
 COMMITS_DIR = f"{MANIFEST_DIR}/commits"
 LEASE_FILE = f"{MANIFEST_DIR}/lease.json"
+CANCEL_FILE = f"{MANIFEST_DIR}/cancel.json"
+"""Written by ``griffin-batch cancel``; the running driver stops its workers when it sees it."""
 SUMMARY_FILE = "summary.json"
 SUCCESS_FILE = "_SUCCESS"
 MANIFEST_VERSION = 2
@@ -108,7 +112,8 @@ _STRAYS = (output.TEMP_DIR, output.ATTEMPTS_DIR, SUCCESS_FILE, SUMMARY_FILE)
 
 # What a run writes directly in its output besides its parts; ``--overwrite`` may delete these.
 _RUN_NAMES = frozenset({*_STRAYS, shards.PROGRESS_DIR, MANIFEST_DIR})
-_MANIFEST_NAMES = frozenset(posixpath.basename(f) for f in (PLAN_FILE, COMMITS_DIR, LEASE_FILE))
+_MANIFEST_NAMES = frozenset(
+    posixpath.basename(f) for f in (PLAN_FILE, COMMITS_DIR, LEASE_FILE, CANCEL_FILE))
 
 # Local file systems (and memory://) have one root; on every other protocol the
 # first path component is a bucket, a container or a host.
@@ -223,6 +228,7 @@ class OutputDir:
             try:
                 for name in doomed:
                     self._remove(self._join(name))
+                self._remove(self._join(CANCEL_FILE))  # a cancelled run's request is done
                 committed = self._resume(plan) if resuming else {}
                 if not resuming:
                     self._write_plan(plan, fingerprint)
@@ -452,6 +458,20 @@ class OutputDir:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(path, recursive=True)
 
+    def put_summary(self, summary: Mapping[str, Any]) -> None:
+        """Rewrites ``summary.json`` while the job runs (``jobs.lifecycle``)."""
+        self._put(SUMMARY_FILE, summary)
+
+    def cancel_requested(self) -> dict[str, Any] | None:
+        """The cancel request ``griffin-batch cancel`` left, if any."""
+        try:
+            record = json.loads(self.fs.cat_file(self._join(CANCEL_FILE)))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            record = {}
+        return record if isinstance(record, dict) else {}
+
     def write_summary(self, summary: Mapping[str, Any], *, success: bool) -> None:
         """Writes ``summary.json`` and, when every shard is committed, ``_SUCCESS``.
 
@@ -666,3 +686,19 @@ def _now() -> str:
 
 def _iso(unix_s: float) -> str:
     return datetime.datetime.fromtimestamp(unix_s, datetime.UTC).isoformat(timespec="seconds")
+
+
+def request_cancel(url: str, record: bytes) -> dict[str, Any]:
+    """Asks the driver running on ``url`` to stop (``griffin-batch cancel``); returns its lease.
+
+    Raises:
+      JobInputError: No driver holds the directory now (nothing runs there).
+    """
+    out = OutputDir(url)
+    lease = out._read_lease()
+    if lease is None or lease["expires"] <= time.time():
+        raise config_lib.JobInputError(
+            f"no job is running on {out.url} (no driver holds its lease); a stopped job "
+            "needs no cancel: rerun with --resume to finish it")
+    out.fs.pipe_file(out._join(CANCEL_FILE), record)
+    return lease

@@ -71,6 +71,7 @@ class Report:
       timeline: The pool's size over time: one entry per change, with seconds
         since the loop started and its ``ready``, ``starting`` and
         ``waiting_for_room`` (not placed yet) workers.
+      cancelled: Why the run was cancelled (``Scheduler.cancel``), or None.
     """
 
     failed: dict[str, str]
@@ -79,6 +80,7 @@ class Report:
     fatal: str | None = None
     cluster_lost: bool = False
     timeline: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    cancelled: str | None = None
 
 
 @dataclasses.dataclass
@@ -169,6 +171,7 @@ class Scheduler:
         self._min_ready = elastic is None  # min_workers were ready once: dispatch may start
         self._min_needed = 1
         self.timeline: list[dict[str, float]] = []
+        self._cancelled: str | None = None
         self.finished = False  # run has returned: its report is final
 
     def run(self, todo: Sequence[shards.ShardSpec]) -> Report:
@@ -227,6 +230,7 @@ class Scheduler:
             fatal=self.workers.fatal or self._lost,
             cluster_lost=self._lost is not None,
             timeline=list(self.timeline),
+            cancelled=self._cancelled,
         )
 
     def _load(self) -> collections.Counter:
@@ -256,6 +260,19 @@ class Scheduler:
                 stats = self._stats[worker.name]
                 if stats.first_dispatch is None:
                     stats.first_dispatch = self._clock()
+
+    def cancel(self, reason: str) -> None:
+        """Ends the run early and resumably: queued shards stay unrun, and each busy worker
+        checkpoints its shards and stops (a shard that commits first is kept)."""
+        if self._cancelled is not None:
+            return
+        self._cancelled = reason
+        log.warning("cancelling: %s", reason)
+        self._queue.clear()
+        busy = {a.worker.name: a.worker for a in self._in_flight.values()}
+        for name, worker in busy.items():
+            if name not in self._told_to_drain and self._drain is not None:
+                self._told_to_drain[name] = self._drain(worker, reason)
 
     def _scale(self) -> None:
         """Sizes an elastic pool to the work left (see ``scaling.ScalingPolicy.target``)."""
@@ -306,6 +323,8 @@ class Scheduler:
             stats.last_result = self._clock()
             return
         shard_id = attempt.shard.shard_id
+        if self._cancelled is not None:  # stopped on purpose: --resume runs it again
+            return
         log.warning(
             "shard %s attempt %d on %s: %s",
             shard_id,

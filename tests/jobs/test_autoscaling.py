@@ -63,7 +63,7 @@ def test_job_on_an_autoscaling_cluster_gets_nodes_and_gives_them_back(
 
     assert_exactly_once(read_output(out), ids)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["status"] == "succeeded"
+    assert summary["status"] == "completed"
     workers = [w for w in summary["workers"] if w["shards"]]
     assert workers and all(w["placed_at_s"] is not None for w in workers)
     assert len({w["node_id"] for w in workers}) == len(workers)  # one worker per TPU host

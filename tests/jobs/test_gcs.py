@@ -50,4 +50,4 @@ def test_job_reads_and_writes_gcs(gcs_server, bucket, write_parquet, prompts, jo
         "summary.json",
     ]
     summary = json.loads(fs.cat_file(f"{out}/{manifest.SUMMARY_FILE}"))
-    assert summary["rows"] == 8 and summary["status"] == "succeeded"
+    assert summary["rows"] == 8 and summary["status"] == "completed"

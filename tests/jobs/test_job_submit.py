@@ -132,7 +132,7 @@ def test_ray_job_submit_as_the_readme_says(ray_head):
     rows_in = pq.read_metadata(ROOT / "examples" / "prompts.parquet").num_rows
     assert table.num_rows == rows_in and len(set(table.column("id").to_pylist())) == rows_in
     summary = json.loads((output / "summary.json").read_text())
-    assert summary["status"] == "succeeded" and summary["rows"] == rows_in
+    assert summary["status"] == "completed" and summary["rows"] == rows_in
     # The workers imported the shipped package (Ray's runtime resources), not this checkout.
     for worker in summary["workers"]:
         assert "runtime_resources" in worker["code"], worker["code"]

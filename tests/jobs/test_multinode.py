@@ -114,7 +114,7 @@ def test_a_joining_host_gets_a_worker_and_a_lost_one_loses_no_rows(
 
     assert_exactly_once(read_output(out), ids)
     summary = json.loads(pathlib.Path(f"{out}/summary.json").read_text())
-    assert summary["shards"]["committed"] == 20 and summary["status"] == "succeeded"
+    assert summary["shards"]["committed"] == 20 and summary["status"] == "completed"
     workers = summary["workers"]
     (newcomer,) = [w for w in workers if w.get("node_id") == joined.node_id]
     assert newcomer["shards"] >= 1, workers  # the joining host took work
