@@ -362,12 +362,7 @@ class Scheduler:
             node = (worker.info or {}).get("node_id")
             if node not in draining or worker.name in self._told_to_drain:
                 continue
-            reason = f"node {node[:12]} is draining (preemption or scale-down)"
-            log.warning("worker %s: %s", worker.name, reason)
-            if worker.name in busy and self._drain is not None:
-                self._told_to_drain[worker.name] = self._drain(worker, reason)
-            else:
-                self.workers.lose(worker, reason)
+            self._stop(worker, f"node {node[:12]} is draining (preemption or scale-down)", busy)
 
     def _drain_slice_of(self, lost: pool.Worker) -> None:
         """A lost host of a multi-host TPU slice is the slice's loss: its other hosts are
@@ -384,12 +379,17 @@ class Scheduler:
             other = (worker.info or {}).get("node_id")
             if other == node or slices.get(other) != name or worker.name in self._told_to_drain:
                 continue
-            reason = f"TPU slice {name} lost host {node[:12]}; its other hosts go with it"
-            log.warning("worker %s: %s", worker.name, reason)
-            if worker.name in busy and self._drain is not None:
-                self._told_to_drain[worker.name] = self._drain(worker, reason)
-            else:
-                self.workers.lose(worker, reason)
+            self._stop(worker, f"TPU slice {name} lost host {node[:12]}; its other hosts go "
+                               "with it", busy)
+
+    def _stop(self, worker: pool.Worker, reason: str, busy: Collection[str]) -> None:
+        """A busy worker checkpoints its shards and stops (they resume elsewhere); an idle one
+        goes at once. Either way the pool replaces it."""
+        log.warning("worker %s: %s", worker.name, reason)
+        if worker.name in busy and self._drain is not None:
+            self._told_to_drain[worker.name] = self._drain(worker, reason)
+        else:
+            self.workers.lose(worker, reason)
 
     def _watch_stalls(self) -> None:
         """Probes busy workers' heartbeats; kills one that has not advanced in time."""

@@ -31,11 +31,11 @@ START_TIMEOUT_S = 120.0
 
 @contextlib.contextmanager
 def private_head(
-    *, num_cpus: int = 2, port: int | None = None, extra_args: Sequence[str] = (),
-    extra_env: Mapping[str, str] = (),
+    *, num_cpus: int = 2, port: int | None = None, dashboard_port: int | None = None,
+    extra_args: Sequence[str] = (), extra_env: Mapping[str, str] = (),
 ) -> Iterator[tuple[str, dict[str, str], int]]:
-    """Starts a head (on ``port``, default a free one); yields (address, environment to
-    reach it with, session id)."""
+    """Starts a head (on ``port``, default a free one; with a dashboard on ``dashboard_port``
+    if given); yields (address, environment to reach it with, session id)."""
     # Short: Ray's socket paths live under it and must fit in 107 bytes.
     temp = tempfile.mkdtemp(prefix="gb-head-", dir="/tmp")
     env = {
@@ -60,7 +60,9 @@ def private_head(
     ]
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", *own_ports,
-         "--include-dashboard=false", f"--num-cpus={num_cpus}", f"--temp-dir={temp}",
+         *(["--include-dashboard=false"] if dashboard_port is None else
+           ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]),
+         f"--num-cpus={num_cpus}", f"--temp-dir={temp}",
          "--disable-usage-stats", *extra_args],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip

@@ -9,33 +9,22 @@ checks the output, and that the workers ran the code the command shipped
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
+from ray_head import free_port, private_head
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = pathlib.Path(sys.executable).parent
 HEAD_START_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def readme_block(marker: str) -> str:
@@ -49,36 +38,14 @@ def readme_block(marker: str) -> str:
 
 @pytest.fixture
 def ray_head():
-    """A Ray head with its dashboard, in its own temporary directory; yields (dashboard URL, env)."""
-    # Short: Ray's socket paths live under it and must fit in 107 bytes.
-    temp = tempfile.mkdtemp(prefix="gb-ray-", dir="/tmp")
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-    }
-    env.pop("RAY_ADDRESS", None)
-    port, dashboard_port = free_port(), free_port()
-    # Every port of its own: the session's cluster (or any other on this machine)
-    # holds the defaults, and a second dashboard agent on 52365 never registers.
-    own_ports = [
-        f"--{name}={free_port()}"
-        for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                     "metrics-export-port", "runtime-env-agent-port",
-                     "ray-client-server-port")
-    ]
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", *own_ports,
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{dashboard_port}"
-    try:
+    """A Ray head with its dashboard, in its own session and temporary directory; yields
+    (dashboard URL, env). A second dashboard agent on the default port never registers, so
+    every port is its own."""
+    dashboard_port = free_port()
+    with private_head(dashboard_port=dashboard_port) as (_, env, _):
+        url = f"http://127.0.0.1:{dashboard_port}"
         deadline = time.monotonic() + HEAD_START_TIMEOUT_S
         while True:
-            assert head.poll() is None, "ray start --head exited"
             try:
                 urllib.request.urlopen(f"{url}/api/version", timeout=2).close()
                 break
@@ -89,13 +56,6 @@ def ray_head():
                 time.sleep(0.5)
         _wait_for_job_agent(url, env, deadline)
         yield url, env
-    finally:
-        head.send_signal(signal.SIGTERM)  # `--block` stops every process it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _wait_for_job_agent(url: str, env: dict, deadline: float) -> None:
