@@ -46,6 +46,31 @@ def load_tokenizer(path: str) -> Tokenizer:
     return Tokenizer(proto, source=path)
 
 
+CHAT_ROLES = ("user", "model")
+"""The turn roles of the instruction-tuned format (Gemma has no system role)."""
+
+
+def chat_transcript(turns: Sequence[tuple[str, str]]) -> str:
+    """A conversation in the instruction-tuned format, ending with an open model turn.
+
+    Args:
+      turns: (role, text) pairs in order; roles from ``CHAT_ROLES``.
+
+    Returns:
+      Each turn as ``<start_of_turn>ROLE\nTEXT<end_of_turn>\n``, then
+      ``<start_of_turn>model\n`` for the model to continue.
+
+    Raises:
+      ValueError: A role outside ``CHAT_ROLES``.
+    """
+    pieces = []
+    for role, text in turns:
+        if role not in CHAT_ROLES:
+            raise ValueError(f"chat role {role!r} is not one of {CHAT_ROLES}")
+        pieces.append(f"{START_OF_TURN}{role}\n{text}{END_OF_TURN}\n")
+    return "".join(pieces) + f"{START_OF_TURN}model\n"
+
+
 class Tokenizer:
     """A SentencePiece model plus the ids and prompt format generation needs.
 
@@ -115,7 +140,7 @@ class Tokenizer:
 
     def chat_prompt(self, user_text: str) -> str:
         """Wraps one user turn in the instruction-tuned format (reference ``apply_it_formatter``)."""
-        return f"{START_OF_TURN}user\n{user_text}{END_OF_TURN}\n{START_OF_TURN}model\n"
+        return chat_transcript([("user", user_text)])
 
     @functools.cached_property
     def decode_constants(self) -> DecodeConstants:
