@@ -30,7 +30,8 @@ class RowAccountingError(RuntimeError):
 def wanted_columns(options: shards.ShardOptions) -> list[str]:
     """Input columns a worker reads (those a file lacks are skipped)."""
     names = [options.prompt_column, options.id_column or "id", *options.keep_columns,
-             *options.sampling_columns.columns()]
+             *options.sampling_columns.columns(),
+             *([options.error_column] if options.error_column else [])]
     return list(dict.fromkeys(names))
 
 
@@ -169,9 +170,13 @@ def prepare(
     ids = row_ids(table, spec, options.id_column, first)
     prompts = columns.values(table.column(options.prompt_column))
     overrides = columns.row_overrides(table, options.sampling_columns)
+    known_errors = _known_errors(table, options.error_column)
     out = Prepared(ids=ids, requests=[], rejected=[], samples=[])
     for i, prompt in enumerate(prompts):
         rid = request_id(spec, attempt, first + i)
+        if known_errors[i] is not None:  # the row was rejected before it became Parquet
+            _reject(out, rid, 1, known_errors[i])
+            continue
         try:
             params = columns.apply_overrides(options.sampling, overrides[i])
         except requests.RequestError as e:
@@ -190,6 +195,14 @@ def prepare(
         out.samples.append(params.n)
         out.requests.append(requests.Request(request_id=rid, prompt=text, params=params))
     return out
+
+
+def _known_errors(table: pa.Table, error_column: str | None) -> list[str | None]:
+    """Each row's error from ``error_column`` (None where it has none, or without the column)."""
+    if error_column is None or error_column not in table.column_names:
+        return [None] * table.num_rows
+    return [None if v is None else columns.id_text(v)
+            for v in columns.values(table.column(error_column))]
 
 
 def _reject(out: Prepared, rid: str, n: int, message: str) -> None:

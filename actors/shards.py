@@ -75,6 +75,9 @@ class ShardOptions:
         cannot reach).
       checkpoint_every_s: Interval between a running shard's progress
         checkpoints (``actors.progress``); None: none (a retried shard starts over).
+      error_column: An input column whose non-null text rejects its row with that
+        message (errors found before the rows reached Parquet, e.g. a malformed
+        line of an OpenAI batch file); None: no such column.
     """
 
     prompt_column: str = "prompt"
@@ -87,6 +90,7 @@ class ShardOptions:
     output_dir: str = ""
     commit_on_driver: bool = False
     checkpoint_every_s: float | None = None
+    error_column: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
