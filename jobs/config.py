@@ -19,6 +19,14 @@ class JobInputError(ValueError):
     """Bad job input (options, input files, output location), reported before any worker starts."""
 
 
+PARQUET = "parquet"
+OPENAI_BATCH = "openai-batch"
+INPUT_FORMATS = (PARQUET, OPENAI_BATCH)
+"""``--input-format``: Parquet prompts, or OpenAI Batch API request files (JSONL)."""
+OUTPUT_FORMATS = (PARQUET, OPENAI_BATCH)
+"""``--output-format``: Parquet parts only, or also ``output.jsonl`` and ``errors.jsonl``."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class IOConfig:
     """Where prompts come from and results go."""
@@ -52,6 +60,16 @@ class IOConfig:
 
     shard_rows: int = 1024
     """Most rows per shard (one output file each; the unit of retry and resume)."""
+
+    input_format: str = PARQUET
+    """``parquet``, or ``openai-batch``: the inputs are OpenAI Batch API request files
+    (JSONL), converted to Parquet under the output's ``_manifest/`` when the job is planned
+    (``jobs.openai_staging``); the column options then do not apply."""
+
+    output_format: str = PARQUET
+    """``parquet``, or ``openai-batch``: once every shard is committed the driver also
+    writes ``output.jsonl`` and ``errors.jsonl`` in the OpenAI Batch API's output format
+    (``jobs.openai_results``)."""
 
     def sampling_overrides(self) -> columns.SamplingColumns:
         """The per-row sampling columns.
@@ -280,6 +298,8 @@ class JobConfig:
             "chat": m.chat,
             "max_prompt_tokens": m.engine.max_prompt_tokens,
             "sampling": {**dataclasses.asdict(self.sampling), "stop": list(self.sampling.stop)},
+            # Only when set: a job planned before the option existed still resumes.
+            **({"input_format": io.input_format} if io.input_format != PARQUET else {}),
         }
 
 
@@ -306,6 +326,20 @@ def _validate_io(io: IOConfig) -> None:
     if io.id_column is not None and not io.id_column:
         raise JobInputError("--id-column must not be empty")
     io.sampling_overrides()
+    for option, value, choices in (("--input-format", io.input_format, INPUT_FORMATS),
+                                   ("--output-format", io.output_format, OUTPUT_FORMATS)):
+        if value not in choices:
+            raise JobInputError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+    if io.input_format == OPENAI_BATCH:
+        given = [option for option, value in (
+            ("--prompt-column", io.prompt_column != "prompt"), ("--id-column", io.id_column),
+            ("--sampling-columns", io.sampling_columns),
+            ("--sampling-params-column", io.sampling_params_column),
+            ("--keep-columns", io.keep_columns)) if value]
+        if given:
+            raise JobInputError(
+                f"{', '.join(given)} do(es) not apply to --input-format openai-batch: each "
+                "request's custom_id is its id, its messages the prompt, its body the sampling")
 
 
 def _validate_model(m: ModelConfig) -> None:

@@ -22,7 +22,16 @@ import fsspec
 from griffin_batch.actors import shards, worker
 from griffin_batch.cluster import connect, faults, hardware, pool, slices
 from griffin_batch.jobs import config as config_lib
-from griffin_batch.jobs import lifecycle, manifest, planner, progress, scheduler
+from griffin_batch.jobs import (
+    lifecycle,
+    manifest,
+    openai_requests,
+    openai_results,
+    openai_staging,
+    planner,
+    progress,
+    scheduler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +87,25 @@ def run(
     start = time.monotonic()
     config.validate()
     model_spec = resolve_model(config.model, say)
-    plan = planner.plan(config.io, config.sampling, say)
+    config, plan, staged = _plan(config, say)
     say(
         f"planned {len(plan.shards)} shard(s) over {plan.total_rows} row(s) "
         f"in {len(plan.files)} file(s)"
     )
-    out = manifest.OutputDir(config.io.output)
-    committed = out.prepare(
-        plan, config.fingerprint(), resume=config.resume.resume, overwrite=config.resume.overwrite
-    )
+    try:
+        out = manifest.OutputDir(config.io.output)
+        committed = out.prepare(plan, config.fingerprint(), resume=config.resume.resume,
+                                overwrite=config.resume.overwrite)
+    except BaseException:
+        if staged is not None:
+            staged.cleanup()
+        raise
     try:  # prepare took the output's lease: give it back however the run ends
+        if staged is not None:  # only now: prepare has checked the directory and holds it
+            try:
+                staged.upload(out)
+            finally:
+                staged.cleanup()
         todo = [s for s in plan.shards if s.shard_id not in committed]
         if committed:
             say(
@@ -102,6 +120,8 @@ def run(
             _generate(config, model_spec, plan, out, todo, run_state, say, on_cluster_lost)
         out.put_summary(build_summary(config, plan, run_state, time.monotonic() - start,
                                       lifecycle.FINALIZING))
+        if config.io.output_format == config_lib.OPENAI_BATCH:
+            _write_batch_output(config, plan, out, run_state, say)
         summary = build_summary(config, plan, run_state, time.monotonic() - start)
         succeeded = summary["status"] == lifecycle.COMPLETED
         out.write_summary(summary, success=succeeded)
@@ -117,6 +137,35 @@ def run(
         cluster_lost=run_state.report.cluster_lost,
         cancelled=run_state.report.cancelled,
     )
+
+
+def _plan(config: config_lib.JobConfig, say: Say
+          ) -> tuple[config_lib.JobConfig, planner.JobPlan, openai_staging.Staged | None]:
+    """The job as it runs, its plan, and its staged inputs (``--input-format openai-batch``), if any.
+
+    OpenAI batch files are converted to Parquet in a local scratch directory
+    here; they reach the output only once ``OutputDir.prepare`` has checked it.
+    """
+    if config.io.input_format != config_lib.OPENAI_BATCH:
+        return config, planner.plan(config.io, config.sampling, say), None
+    config = openai_staging.job_config(config)
+    staged = openai_staging.stage(config.io, config.sampling, say)
+    return config, staged.plan, staged
+
+
+def _write_batch_output(config: config_lib.JobConfig, plan: planner.JobPlan,
+                        out: manifest.OutputDir, state: _RunState, say: Say) -> None:
+    """Writes ``output.jsonl`` and ``errors.jsonl`` when every shard is committed."""
+    missing = len(plan.shards) - len(state.committed_before) - len(state.committed_now)
+    if missing:
+        say(f"not writing {manifest.BATCH_OUTPUT_FILE}: {missing} shard(s) are not committed; "
+            "rerun with --resume to finish the job and write it")
+        return
+    model = config.model.checkpoint.rstrip("/").rsplit("/", 1)[-1] if config.model.checkpoint \
+        else "griffin-batch-demo"
+    ok, failed = openai_results.write(out, plan, default_model=model)
+    say(f"wrote {manifest.BATCH_OUTPUT_FILE} ({ok} request(s)) and "
+        f"{manifest.BATCH_ERRORS_FILE} ({failed}) to {out.url}")
 
 
 @dataclasses.dataclass
@@ -176,6 +225,8 @@ def shard_options(
         output_dir=out.url,
         commit_on_driver=out.process_local,
         checkpoint_every_s=config.resume.checkpoint_every_s or None,
+        error_column=openai_requests.ERROR_COLUMN
+        if config.io.input_format == config_lib.OPENAI_BATCH else None,
     )
 
 

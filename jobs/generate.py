@@ -58,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="URL_OR_GLOB",
-        help="Parquet file, directory or glob; any fsspec URL (repeatable)",
+        help="Parquet file, directory or glob (JSONL with --input-format openai-batch); "
+        "any fsspec URL (repeatable)",
     )
     io.add_argument("--output", required=True, metavar="URL", help="output directory URL")
     io.add_argument("--prompt-column", default="prompt")
@@ -93,6 +94,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a struct column whose fields set sampling per row (as Ray Data LLM's sampling_params)",
     )
     io.add_argument("--shard-rows", type=int, default=1024, help="most rows per output file")
+    io.add_argument(
+        "--input-format",
+        choices=config_lib.INPUT_FORMATS,
+        default=config_lib.IOConfig.input_format,
+        help="parquet, or openai-batch: the inputs are OpenAI Batch API request files (JSONL: "
+        "custom_id, url /v1/chat/completions, body with messages and sampling fields)",
+    )
+    io.add_argument(
+        "--output-format",
+        choices=config_lib.OUTPUT_FORMATS,
+        default=config_lib.IOConfig.output_format,
+        help="parquet, or openai-batch: also write output.jsonl and errors.jsonl (OpenAI Batch "
+        "API output records, in input order) once every shard is committed",
+    )
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint", help="checkpoint path or URL (default: bundled demo model)")
     m.add_argument("--tokenizer", help="SentencePiece tokenizer.model path or URL")
@@ -213,6 +228,8 @@ def config_from_args(a: argparse.Namespace) -> config_lib.JobConfig:
             sampling_params_column=a.sampling_params_column,
             keep_columns=tuple(a.keep_columns),
             shard_rows=a.shard_rows,
+            input_format=a.input_format,
+            output_format=a.output_format,
         ),
         model=config_lib.ModelConfig(
             checkpoint=a.checkpoint,

@@ -10,6 +10,8 @@ Layout::
     <output>/_manifest/commits/<id>.json one small record per committed shard
     <output>/_manifest/lease.json        which driver holds the directory, and until when
     <output>/_manifest/cancel.json       a request to stop (``griffin-batch cancel``)
+    <output>/_manifest/inputs/           OpenAI batch inputs converted to Parquet (``--input-format``)
+    <output>/output.jsonl, errors.jsonl  OpenAI batch output records (``--output-format``)
     <output>/summary.json                the job's state, rewritten while it runs
     <output>/_SUCCESS                    written at the end when every shard committed
 
@@ -91,6 +93,11 @@ COMMITS_DIR = f"{MANIFEST_DIR}/commits"
 LEASE_FILE = f"{MANIFEST_DIR}/lease.json"
 CANCEL_FILE = f"{MANIFEST_DIR}/cancel.json"
 """Written by ``griffin-batch cancel``; the running driver stops its workers when it sees it."""
+STAGED_INPUTS_DIR = f"{MANIFEST_DIR}/inputs"
+"""OpenAI batch input files converted to Parquet (``jobs.openai_staging``); workers read these."""
+BATCH_OUTPUT_FILE = "output.jsonl"
+BATCH_ERRORS_FILE = "errors.jsonl"
+"""OpenAI batch output records (``jobs.openai_results``), written once every shard is committed."""
 SUMMARY_FILE = "summary.json"
 SUCCESS_FILE = "_SUCCESS"
 MANIFEST_VERSION = 2
@@ -108,12 +115,14 @@ VERIFY_THREADS = 8
 """Committed parts re-verified at once on ``--resume`` (object-store reads are latency-bound)."""
 
 # Left by an interrupted run, removed on resume (with ``part-`` files without a record).
-_STRAYS = (output.TEMP_DIR, output.ATTEMPTS_DIR, SUCCESS_FILE, SUMMARY_FILE)
+_STRAYS = (output.TEMP_DIR, output.ATTEMPTS_DIR, SUCCESS_FILE, SUMMARY_FILE, BATCH_OUTPUT_FILE,
+           BATCH_ERRORS_FILE)
 
 # What a run writes directly in its output besides its parts; ``--overwrite`` may delete these.
 _RUN_NAMES = frozenset({*_STRAYS, shards.PROGRESS_DIR, MANIFEST_DIR})
 _MANIFEST_NAMES = frozenset(
-    posixpath.basename(f) for f in (PLAN_FILE, COMMITS_DIR, LEASE_FILE, CANCEL_FILE))
+    posixpath.basename(f) for f in (PLAN_FILE, COMMITS_DIR, LEASE_FILE, CANCEL_FILE,
+                                    STAGED_INPUTS_DIR))
 
 # Local file systems (and memory://) have one root; on every other protocol the
 # first path component is a bucket, a container or a host.
@@ -241,10 +250,17 @@ class OutputDir:
             raise config_lib.JobInputError(f"output {self.url} is not writable: {e}") from None
 
     def _refuse_inputs_inside(self, plan: planner.JobPlan) -> None:
-        """Refuses an output that holds an input file, which ``--overwrite`` would delete."""
+        """Refuses an output that holds an input file, which ``--overwrite`` would delete.
+
+        Staged inputs (``STAGED_INPUTS_DIR``, converted from ``plan.sources``) are
+        this job's own; the files they came from are checked instead.
+        """
         out = _normal_path(self.fs, self.path)
-        for f in plan.files:
+        staged = f"{out.rstrip('/')}/{STAGED_INPUTS_DIR}/"
+        for f in [*plan.files, *plan.sources]:
             path = _path_on(self.fs, f.url)
+            if path is not None and path.startswith(staged):
+                continue
             if path is not None and (path == out or path.startswith(out.rstrip("/") + "/")):
                 raise config_lib.JobInputError(
                     f"output {self.url} holds the input file {f.url}; a job never writes where it "
@@ -288,6 +304,14 @@ class OutputDir:
             )
         doomed = [n for n in existing if n != MANIFEST_DIR]
         return doomed + [f"{MANIFEST_DIR}/{n}" for n in in_manifest if n != lease_name]
+
+    def plan_record(self) -> dict[str, Any]:
+        """The saved ``plan.json`` record (version, creation time, options, plan).
+
+        Raises:
+          JobInputError: There is none, or it is unreadable.
+        """
+        return self._saved_plan([PLAN_FILE])
 
     def _names_in(self, name: str) -> list[str]:
         """Names directly inside ``name`` (its own name when it is a file)."""

@@ -62,6 +62,32 @@ class InputFile:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class SourceFile:
+    """An input in another format, converted to the Parquet file the plan reads.
+
+    Attributes:
+      url: The file as given (e.g. an OpenAI batch JSONL file).
+      staged: URL of the Parquet file made from it (a ``files`` entry).
+      size: Bytes read from ``url``.
+      sha256: Hex SHA-256 of those bytes: a resumed job refuses a changed input.
+      lines: Requests (non-blank lines) in it.
+    """
+
+    url: str
+    staged: str
+    size: int
+    sha256: str
+    lines: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SourceFile:
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class JobPlan:
     """Files and shards of a job.
 
@@ -72,6 +98,7 @@ class JobPlan:
       keep_types: Arrow type (as text) of each kept column.
       unreadable: (URL, error) of each input whose footer cannot be read: its rows
         are not run, the job reports it as failed, and the other files go on.
+      sources: Inputs of another format that ``files`` were converted from, if any.
     """
 
     files: tuple[InputFile, ...]
@@ -79,6 +106,7 @@ class JobPlan:
     with_sample_index: bool
     keep_types: dict[str, str]
     unreadable: tuple[tuple[str, str], ...] = ()
+    sources: tuple[SourceFile, ...] = ()
 
     @property
     def total_rows(self) -> int:
@@ -91,6 +119,8 @@ class JobPlan:
             "with_sample_index": self.with_sample_index,
             "keep_types": self.keep_types,
             "unreadable": [list(u) for u in self.unreadable],
+            # Only when there are any: plans saved before sources existed still compare equal.
+            **({"sources": [f.to_dict() for f in self.sources]} if self.sources else {}),
         }
 
     @classmethod
@@ -101,6 +131,7 @@ class JobPlan:
             with_sample_index=d["with_sample_index"],
             keep_types=dict(d["keep_types"]),
             unreadable=tuple(tuple(u) for u in d.get("unreadable", ())),
+            sources=tuple(SourceFile.from_dict(f) for f in d.get("sources", ())),
         )
 
 
@@ -189,8 +220,14 @@ def _warn_unused_sampling_columns(schemas: Sequence[pa.Schema],
             f"sampling per row pass --sampling-columns {','.join(lookalikes)}")
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[str]:
+def expand_inputs(patterns: Sequence[str], suffix: str = ".parquet",
+                  kind: str = "Parquet") -> list[str]:
     """Input URLs of files matching ``patterns`` (files, directories, globs), deduplicated, sorted per pattern.
+
+    Args:
+      patterns: Files, directories or globs (fsspec URLs).
+      suffix: Name ending of the files taken from a directory.
+      kind: What the files are, for errors.
 
     Raises:
       JobInputError: A pattern names nothing.
@@ -202,23 +239,23 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
         except (ValueError, ImportError) as e:
             raise config_lib.JobInputError(f"--input {pattern}: {e}") from None
         try:
-            found = _list(fs, path)
+            found = _list(fs, path, suffix)
         except OSError as e:
             raise config_lib.JobInputError(f"--input {pattern}: cannot list: {e}") from None
         if not found:
-            raise config_lib.JobInputError(f"--input {pattern} matches no Parquet files")
+            raise config_lib.JobInputError(f"--input {pattern} matches no {kind} files")
         urls.extend(output.url_of(fs, p) for p in sorted(found))
     return list(dict.fromkeys(urls))
 
 
-def _list(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+def _list(fs: fsspec.AbstractFileSystem, path: str, suffix: str) -> list[str]:
     if any(c in path for c in _GLOB_CHARS):
         return [p for p in fs.glob(path) if fs.isfile(p)]
     if fs.isdir(path):
         return [
             p
             for p in fs.find(path)
-            if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", "."))
+            if p.endswith(suffix) and not posixpath.basename(p).startswith(("_", "."))
         ]
     if fs.isfile(path):
         return [path]
