@@ -1,39 +1,40 @@
-"""The bundled demo model: a tiny tokenizer and a tiny RANDOM-weight Griffin checkpoint.
+"""The bundled demo model: a small Griffin trained on the documentation that ships with Python.
 
-The job uses these when no ``--checkpoint`` is given, so that the whole
-pipeline (read prompts, tokenize, generate, detokenize, write results) runs
-anywhere without downloading weights. The weights are random: the model
-produces fluent-looking gibberish, never meaningful text.
+The job uses it when no ``--checkpoint`` is given, so that the whole pipeline
+(read prompts, tokenize, generate, detokenize, write results) runs anywhere
+without downloading weights, and writes readable (if not always sensible)
+English about Python.
 
-* ``tokenizer.model``: SentencePiece, vocabulary 1024, Gemma-like special ids
+* ``tokenizer.model``: SentencePiece, vocabulary 2048, Gemma-like special ids
   (pad 0, eos 1, bos 2, unk 3, ``<start_of_turn>``, ``<end_of_turn>``), byte
-  fallback, trained on ``griffin_batch.model.testing.corpus()``.
+  fallback, trained on the corpus below.
 * ``checkpoint/``: Hugging Face format (``config.json`` + ``model.safetensors``,
-  bfloat16): width 128, 6 blocks (recurrent, recurrent, attention) x 2, 4 heads,
-  MLP 384, attention window 128, logits soft-cap 30.
+  bfloat16): ``DEMO_CONFIG``, about 2.2M parameters.
+* ``training.json``: the training run (corpus hash, steps, time, held-out perplexity).
 
-Both are regenerated bit for bit by ``python -m griffin_batch.model.demo`` (see
-``write_demo_assets``).
+``python -m griffin_batch.model.demo_train`` rewrites all three (see there for
+the corpus: the language reference's topics and the standard library's docstrings).
 """
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
-import ml_dtypes
-
-from griffin_batch.model import checkpoint, testing
 from griffin_batch.model.config import GriffinConfig, griffin_pattern
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
-DEMO_VOCAB_SIZE = 1024
+DEMO_VOCAB_SIZE = 2048
 DEMO_SEED = 0
+DEMO_TRAIN_STEPS = 1500
+"""Optimizer steps of ``python -m griffin_batch.model.demo_train`` (16 x 256 tokens each)."""
 DEMO_CONFIG = GriffinConfig(
     vocab_size=DEMO_VOCAB_SIZE,
-    width=128,
-    mlp_expanded_width=384,
+    width=160,
+    mlp_expanded_width=480,
     num_heads=4,
-    lru_width=128,
+    lru_width=160,
     block_types=griffin_pattern(6),
     embeddings_scale_by_sqrt_dim=True,
     attention_window_size=128,
@@ -42,7 +43,7 @@ DEMO_CONFIG = GriffinConfig(
 
 
 def demo_checkpoint_path() -> str:
-    """Path of the bundled random-weight checkpoint directory (Hugging Face format)."""
+    """Path of the bundled checkpoint directory (Hugging Face format)."""
     return os.path.join(DEMO_DIR, "checkpoint")
 
 
@@ -51,27 +52,7 @@ def demo_tokenizer_path() -> str:
     return os.path.join(DEMO_DIR, "tokenizer.model")
 
 
-def write_demo_assets(directory: str = DEMO_DIR) -> None:
-    """Deterministically (re)writes ``tokenizer.model`` and ``checkpoint/`` into ``directory``."""
-    os.makedirs(directory, exist_ok=True)
-    testing.train_tiny_tokenizer(
-        os.path.join(directory, "tokenizer.model"),
-        vocab_size=DEMO_VOCAB_SIZE,
-        text=testing.corpus(num_sentences=6000, seed=DEMO_SEED),
-    )
-    params = testing.random_params(DEMO_CONFIG, seed=DEMO_SEED, dtype=ml_dtypes.bfloat16)
-    checkpoint.save_checkpoint(
-        os.path.join(directory, "checkpoint"),
-        DEMO_CONFIG,
-        params,
-        format=checkpoint.HF,
-        overwrite=True,
-    )
-
-
-if __name__ == "__main__":
-    write_demo_assets()
-    for root, _, files in os.walk(DEMO_DIR):
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            print(f"{os.path.getsize(path):>10,d}  {os.path.relpath(path, DEMO_DIR)}")
+def training_record() -> dict[str, Any]:
+    """The bundled model's ``training.json`` (what ``demo_train`` measured when it made it)."""
+    with open(os.path.join(DEMO_DIR, "training.json")) as f:
+        return json.load(f)

@@ -21,7 +21,7 @@ import pytest
 import safetensors
 import safetensors.numpy
 
-from griffin_batch.model import checkpoint, demo, testing
+from griffin_batch.model import checkpoint, testing
 from griffin_batch.model.checkpoint import common, hf_format
 from griffin_batch.model.config import GriffinConfig, Preset
 
@@ -747,46 +747,3 @@ def test_local_orbax_link_out_of_the_checkpoint_is_refused(tmp_path):
         match=re.escape(f"{path}: entry {os.path.join('d', 'leak')!r} is a link to "),
     ):
         checkpoint.load_checkpoint(str(path))
-
-
-# ---------------------------------------------------------------------------------------------
-# The bundled demo model.
-
-
-def test_demo_assets_load_and_are_reproducible(tmp_path):
-    from griffin_batch.model import tokenizer
-
-    config, params = checkpoint.load_checkpoint(demo.demo_checkpoint_path())
-    assert config == demo.DEMO_CONFIG
-    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
-    tok = tokenizer.load_tokenizer(demo.demo_tokenizer_path())
-    assert tok.vocab_size == config.vocab_size
-    assert tok.end_of_turn_id is not None
-
-    demo.write_demo_assets(str(tmp_path))
-    name = "checkpoint/config.json"
-    with open(os.path.join(demo.DEMO_DIR, name), "rb") as a, open(tmp_path / name, "rb") as b:
-        assert a.read() == b.read(), f"{name} is not reproduced by write_demo_assets"
-    # Weights are drawn in float32 and rounded to bfloat16; JAX releases and CPUs may differ
-    # in the last float32 bit, which flips a rare rounding. Tolerance: one bfloat16 ulp.
-    name = "checkpoint/model.safetensors"
-    shipped = safetensors.numpy.load_file(os.path.join(demo.DEMO_DIR, name))
-    fresh_weights = safetensors.numpy.load_file(str(tmp_path / name))
-    assert shipped.keys() == fresh_weights.keys()
-    flipped = 0
-    for key, want in shipped.items():
-        got = fresh_weights[key]
-        assert got.dtype == want.dtype and got.shape == want.shape, key
-        a, b = want.astype(np.float32), got.astype(np.float32)
-        np.testing.assert_allclose(b, a, rtol=2.0**-7, atol=0, err_msg=key)
-        flipped += int((a != b).sum())
-    total = sum(v.size for v in shipped.values())
-    print(f"demo weights re-drawn: {flipped} of {total} values differ, each by <= 1 bf16 ulp")
-    assert flipped <= total // 10_000
-    fresh = tokenizer.load_tokenizer(str(tmp_path / "tokenizer.model"))
-    pieces = lambda t: [t.id_to_piece(i) for i in range(t.vocab_size)]  # noqa: E731
-    assert pieces(fresh) == pieces(tok)
-    sizes = sum(
-        os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(demo.DEMO_DIR) for f in fs
-    )
-    assert sizes < 3_000_000
