@@ -115,7 +115,7 @@ def stage(io: config_lib.IOConfig, sampling: config_lib.SamplingConfig,
     scratch = tempfile.mkdtemp(prefix="griffin-batch-staging-")
     try:
         names = _staged_names(urls)
-        keys = _file_keys(urls)
+        keys = planner.file_keys(urls)
         with concurrent.futures.ThreadPoolExecutor(min(_THREADS, len(urls))) as pool:
             converted = list(pool.map(
                 lambda args: convert(args[0], f"{scratch}/{args[1]}", args[2]),
@@ -203,12 +203,6 @@ def _staged_names(urls: list[str]) -> list[str]:
     """Staged file names: numbered in input order (two inputs may share a name)."""
     width = max(5, len(str(len(urls) - 1)))
     return [f"{i:0{width}d}-{posixpath.basename(u)}.parquet" for i, u in enumerate(urls)]
-
-
-def _file_keys(urls: list[str]) -> list[str]:
-    """Names for the ids of lines without ``custom_id``; the full URL where two inputs share a name."""
-    names = [posixpath.basename(u) for u in urls]
-    return [u if names.count(n) > 1 else n for u, n in zip(urls, names, strict=True)]
 
 
 def _relocate(plan: planner.JobPlan, where: dict[str, str],

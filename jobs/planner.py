@@ -155,7 +155,7 @@ def plan(io: config_lib.IOConfig, sampling: config_lib.SamplingConfig,
     with concurrent.futures.ThreadPoolExecutor(min(_METADATA_THREADS, len(urls))) as pool:
         footers = list(pool.map(_read_footer, urls))
     overrides = io.sampling_overrides()
-    keys = _file_keys(urls)
+    keys = file_keys(urls)
     files, keep_types, unreadable, schemas = [], {}, [], []
     for url, key, footer in zip(urls, keys, footers, strict=True):
         if isinstance(footer, str):
@@ -276,7 +276,7 @@ def _read_footer(url: str) -> tuple[pa.Schema, list[int]] | str:
         return f"cannot read input {url}: {e}"
 
 
-def _file_keys(urls: Sequence[str]) -> list[str]:
+def file_keys(urls: Sequence[str]) -> list[str]:
     """File names for row ids; the full path where two inputs share a name."""
     names = [posixpath.basename(u) for u in urls]
     clashing = {n for n in names if names.count(n) > 1}
