@@ -47,18 +47,29 @@ BASE_FIELDS: tuple[pa.Field, ...] = (
 )
 SAMPLE_INDEX_FIELD = pa.field("sample_index", pa.int32(), nullable=False)
 RESERVED_COLUMNS = frozenset(f.name for f in (*BASE_FIELDS, SAMPLE_INDEX_FIELD))
+VALIDATION_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("seed", pa.uint64(), nullable=True),  # null: rejected before it reached the engine
+    pa.field("attempts", pa.int32(), nullable=False),
+    pa.field("valid", pa.bool_(), nullable=True),  # null: not checked
+    pa.field("validation_error", pa.string(), nullable=True),
+)
+"""Columns of jobs whose samples are checked and redrawn (``actors.validation``)."""
 
 
-def output_schema(with_sample_index: bool, kept: Sequence[pa.Field] = ()) -> pa.Schema:
+def output_schema(with_sample_index: bool, kept: Sequence[pa.Field] = (),
+                  validated: bool = False) -> pa.Schema:
     """The schema of every output file of a job.
 
     Args:
       with_sample_index: Include ``sample_index`` (jobs with more than one sample per row).
       kept: Input columns copied through, in order.
+      validated: Include ``VALIDATION_FIELDS`` (``ShardOptions.validation`` is set).
     """
     fields = list(BASE_FIELDS)
     if with_sample_index:
         fields.append(SAMPLE_INDEX_FIELD)
+    if validated:
+        fields.extend(VALIDATION_FIELDS)
     return pa.schema([*fields, *kept])
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from griffin_batch.actors import columns
+from griffin_batch.actors import columns, validation
 from griffin_batch.model import requests
 
 
@@ -78,6 +78,9 @@ class ShardOptions:
       error_column: An input column whose non-null text rejects its row with that
         message (errors found before the rows reached Parquet, e.g. a malformed
         line of an OpenAI batch file); None: no such column.
+      validation: Check each finished sample and draw rejected ones again with new
+        seeds before the shard's file is written; its rows then record their seed,
+        attempts and validity (``actors.validation``). None: no check.
     """
 
     prompt_column: str = "prompt"
@@ -91,6 +94,7 @@ class ShardOptions:
     commit_on_driver: bool = False
     checkpoint_every_s: float | None = None
     error_column: str | None = None
+    validation: validation.Validation | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

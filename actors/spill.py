@@ -122,12 +122,14 @@ def write_output(ids: Sequence[str], samples_per_row: Sequence[int], samples: pa
             if writer is None:
                 kept = [window.schema.field(c) for c in options.keep_columns
                         if c in window.column_names]
-                schema = output.output_schema(options.with_sample_index, kept)
+                schema = output.output_schema(options.with_sample_index, kept,
+                                              validated=options.validation is not None)
                 writer = pq.ParquetWriter(path, schema, compression="zstd")
             keys = [(r, i) for r in range(first, first + window.num_rows)
                     for i in range(samples_per_row[r])]
             part = samples.take(pa.array([position[k] for k in keys], pa.int64()))
-            group = _group(ids, part, [r for r, _ in keys], first, window, schema)
+            group = _group(ids, part, [r for r, _ in keys], first, window, schema,
+                           {f.name for f in kept})
             writer.write_table(group)
             first += window.num_rows
             totals[0] += group.num_rows
@@ -153,7 +155,7 @@ def row_windows(num_rows: int, window_rows: int | None = None) -> Iterator[pa.Ta
 
 
 def _group(ids: Sequence[str], part: pa.Table, row_numbers: list[int], first: int,
-           window: pa.Table, schema: pa.Schema) -> pa.Table:
+           window: pa.Table, schema: pa.Schema, kept: set[str]) -> pa.Table:
     is_error = pc.equal(part["finish_reason"], "error")
     columns = {
         "id": pa.array([ids[r] for r in row_numbers], pa.string()),
@@ -167,8 +169,10 @@ def _group(ids: Sequence[str], part: pa.Table, row_numbers: list[int], first: in
         "sample_index": part["sample_index"],
     }
     indices = pa.array([r - first for r in row_numbers], pa.int64())
-    arrays = [columns[f.name] if f.name in columns else window.column(f.name).take(indices)
-              for f in schema]
+    # A kept column is the input's (a staged ``sample_index``, say); columns beyond the
+    # base ones (``output.VALIDATION_FIELDS``) come with the samples.
+    arrays = [window.column(f.name).take(indices) if f.name in kept
+              else columns[f.name] if f.name in columns else part[f.name] for f in schema]
     return pa.Table.from_arrays([_plain(a, f.type) for a, f in zip(arrays, schema, strict=True)],
                                 schema=schema)
 

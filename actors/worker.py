@@ -43,7 +43,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
-from griffin_batch.actors import batching, output, rows, shards
+from griffin_batch.actors import batching, output, redraw, rows, shards
 from griffin_batch.actors import spill as spill_lib
 from griffin_batch.cluster import faults
 from griffin_batch.model import requests
@@ -351,8 +351,14 @@ class GenerationWorker:
                 # The input again, window by window, for the columns kept.
                 windows = (rows.iter_windows(spec, options, table) if options.keep_columns
                            else spill_lib.row_windows(len(ids)))
-                stats = spill_lib.write_output(ids, per_row, spill.close(), windows, options,
-                                               local)
+                samples = spill.close()
+                if options.validation is not None:  # rejected samples are drawn again first
+                    chat = self.tokenizer.chat_prompt if options.chat else None
+                    samples = redraw.redraw(
+                        self._loop, samples, options.validation,
+                        redraw.requests_again(spec, options, attempt, table, chat),
+                        tag=f"{spec.shard_id}:{attempt}", directory=tmp)
+                stats = spill_lib.write_output(ids, per_row, samples, windows, options, local)
                 size, sha256 = os.path.getsize(local), output.file_digest(_LOCAL, local)
                 if options.commit_on_driver:  # the driver writes the attempt file
                     path = f"{directory}/{output.ATTEMPTS_DIR}/{name}"
