@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import fsspec
 
@@ -60,11 +60,34 @@ class JobResult:
     cancelled: str | None = None
 
 
+class Variant(Protocol):
+    """A job that makes its requests and its rows its own way on this driver (``jobs.synth_job``).
+
+    It runs as any job does: ``stage`` replaces planning (its inputs are converted
+    to Parquet and reach the output only once ``OutputDir.prepare`` has checked it,
+    as OpenAI batch files do), ``fingerprint`` joins the options a ``--resume`` must
+    keep, every shard runs with ``shard_options``, and ``finish`` runs once every
+    shard is committed (on every run that gets there, a resumed one included); what
+    it returns joins ``summary.json``.
+    """
+
+    def stage(self, config: config_lib.JobConfig, say: Say
+              ) -> tuple[config_lib.JobConfig, planner.JobPlan, openai_staging.Staged]: ...
+
+    def fingerprint(self) -> Mapping[str, Any]: ...
+
+    def shard_options(self, options: shards.ShardOptions) -> shards.ShardOptions: ...
+
+    def finish(self, out: manifest.OutputDir, plan: planner.JobPlan,
+               say: Say) -> Mapping[str, Any]: ...
+
+
 def run(
     config: config_lib.JobConfig,
     *,
     say: Say = print,
     on_cluster_lost: Callable[[JobResult], None] | None = None,
+    variant: Variant | None = None,
 ) -> JobResult:
     """Runs a whole job.
 
@@ -75,6 +98,7 @@ def run(
         is lost while this thread waits inside Ray for it (Ray ends such a process
         with exit status 1 once its own GCS timeout passes); the summary is written
         and the output's lease given back first. The command line exits there.
+      variant: Makes the job's requests and rows (None: ``generate``'s).
 
     Returns:
       The result; ``succeeded`` is False when some shard ran out of retries.
@@ -87,14 +111,15 @@ def run(
     start = time.monotonic()
     config.validate()
     model_spec = resolve_model(config.model, say)
-    config, plan, staged = _plan(config, say)
+    config, plan, staged = _plan(config, say, variant)
     say(
         f"planned {len(plan.shards)} shard(s) over {plan.total_rows} row(s) "
         f"in {len(plan.files)} file(s)"
     )
     try:
         out = manifest.OutputDir(config.io.output)
-        committed = out.prepare(plan, config.fingerprint(), resume=config.resume.resume,
+        fingerprint = {**config.fingerprint(), **(variant.fingerprint() if variant else {})}
+        committed = out.prepare(plan, fingerprint, resume=config.resume.resume,
                                 overwrite=config.resume.overwrite)
     except BaseException:
         if staged is not None:
@@ -117,12 +142,15 @@ def run(
         out.put_summary(build_summary(config, plan, run_state, time.monotonic() - start,
                                       lifecycle.VALIDATING))
         if todo:
-            _generate(config, model_spec, plan, out, todo, run_state, say, on_cluster_lost)
+            _generate(config, model_spec, plan, out, todo, run_state, say, on_cluster_lost,
+                      variant)
         out.put_summary(build_summary(config, plan, run_state, time.monotonic() - start,
                                       lifecycle.FINALIZING))
         if config.io.output_format == config_lib.OPENAI_BATCH:
             _write_batch_output(config, plan, out, run_state, say)
-        summary = build_summary(config, plan, run_state, time.monotonic() - start)
+        finished = _finish(variant, plan, out, run_state, say) if variant else {}
+        summary = {**build_summary(config, plan, run_state, time.monotonic() - start),
+                   **finished}
         succeeded = summary["status"] == lifecycle.COMPLETED
         out.write_summary(summary, success=succeeded)
         if succeeded:
@@ -139,13 +167,16 @@ def run(
     )
 
 
-def _plan(config: config_lib.JobConfig, say: Say
+def _plan(config: config_lib.JobConfig, say: Say, variant: Variant | None = None
           ) -> tuple[config_lib.JobConfig, planner.JobPlan, openai_staging.Staged | None]:
-    """The job as it runs, its plan, and its staged inputs (``--input-format openai-batch``), if any.
+    """The job as it runs, its plan, and its staged inputs (``--input-format openai-batch``,
+    a ``variant``'s), if any.
 
     OpenAI batch files are converted to Parquet in a local scratch directory
     here; they reach the output only once ``OutputDir.prepare`` has checked it.
     """
+    if variant is not None:
+        return variant.stage(config, say)
     if config.io.input_format != config_lib.OPENAI_BATCH:
         return config, planner.plan(config.io, config.sampling, say), None
     config = openai_staging.job_config(config)
@@ -166,6 +197,17 @@ def _write_batch_output(config: config_lib.JobConfig, plan: planner.JobPlan,
     ok, failed = openai_results.write(out, plan, default_model=model)
     say(f"wrote {manifest.BATCH_OUTPUT_FILE} ({ok} request(s)) and "
         f"{manifest.BATCH_ERRORS_FILE} ({failed}) to {out.url}")
+
+
+def _finish(variant: Variant, plan: planner.JobPlan, out: manifest.OutputDir,
+            state: _RunState, say: Say) -> Mapping[str, Any]:
+    """The variant's last step, once every shard is committed; its figures for the summary."""
+    missing = len(plan.shards) - len(state.committed_before) - len(state.committed_now)
+    if missing:
+        say(f"{missing} shard(s) are not committed: the job's last step waits for them; "
+            "rerun with --resume to finish it")
+        return {}
+    return variant.finish(out, plan, say)
 
 
 @dataclasses.dataclass
@@ -309,6 +351,7 @@ def _generate(
     state: _RunState,
     say: Say,
     on_cluster_lost: Callable[[JobResult], None] | None,
+    variant: Variant | None = None,
 ) -> None:
     connection = connect.connect(config.cluster.address)
     cluster = connect.watch(  # Ray itself would end this process, saying nothing of the job
@@ -321,6 +364,8 @@ def _generate(
         workers, room = _start_pool(config, model_spec, len(todo), say)
         state.workers = workers.workers
         options = shard_options(config, plan, out)
+        if variant is not None:
+            options = variant.shard_options(options)
         done_rows = sum(r.rows for r in state.committed_before.values())
         bar = progress.Progress(plan.total_rows, done_rows)
         started = time.monotonic()

@@ -21,7 +21,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from griffin_batch.actors import columns
@@ -108,6 +108,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="parquet, or openai-batch: also write output.jsonl and errors.jsonl (OpenAI Batch "
         "API output records, in input order) once every shard is committed",
     )
+    add_job_arguments(p)
+
+
+def add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """Adds the model, sampling, cluster and existing-output options (shared with ``synthesize``)."""
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint", help="checkpoint path or URL (default: bundled demo model)")
     m.add_argument("--tokenizer", help="SentencePiece tokenizer.model path or URL")
@@ -211,6 +216,27 @@ def config_from_args(a: argparse.Namespace) -> config_lib.JobConfig:
     Raises:
       JobInputError: An engine sizing option is out of range (named by its flag).
     """
+    return job_config_from_args(a, config_lib.IOConfig(
+        inputs=tuple(a.input),
+        output=a.output,
+        prompt_column=a.prompt_column,
+        id_column=a.id_column,
+        allow_duplicate_ids=a.allow_duplicate_ids,
+        sampling_columns=tuple(a.sampling_columns),
+        sampling_params_column=a.sampling_params_column,
+        keep_columns=tuple(a.keep_columns),
+        shard_rows=a.shard_rows,
+        input_format=a.input_format,
+        output_format=a.output_format,
+    ))
+
+
+def job_config_from_args(a: argparse.Namespace, io: config_lib.IOConfig) -> config_lib.JobConfig:
+    """The job config of ``io`` and the options ``add_job_arguments`` added.
+
+    Raises:
+      JobInputError: An engine sizing option is out of range (named by its flag).
+    """
     sizing = {f.name: getattr(a, engine_config.flag_dest(f)) for f in engine_config.job_options()}
     for f in engine_config.job_options():
         if sizing[f.name] <= 0:
@@ -218,19 +244,7 @@ def config_from_args(a: argparse.Namespace) -> config_lib.JobConfig:
                 f"{f.metadata['flag']} must be positive, got {sizing[f.name]}"
             )
     return config_lib.JobConfig(
-        io=config_lib.IOConfig(
-            inputs=tuple(a.input),
-            output=a.output,
-            prompt_column=a.prompt_column,
-            id_column=a.id_column,
-            allow_duplicate_ids=a.allow_duplicate_ids,
-            sampling_columns=tuple(a.sampling_columns),
-            sampling_params_column=a.sampling_params_column,
-            keep_columns=tuple(a.keep_columns),
-            shard_rows=a.shard_rows,
-            input_format=a.input_format,
-            output_format=a.output_format,
-        ),
+        io=io,
         model=config_lib.ModelConfig(
             checkpoint=a.checkpoint,
             tokenizer=a.tokenizer,
@@ -282,22 +296,43 @@ def main(argv: Sequence[str] | None = None, prog: str = "griffin-batch generate"
 
 def run(args: argparse.Namespace, prog: str = "griffin-batch generate") -> int:
     """Runs the job from parsed arguments; returns the exit status."""
+    return run_job(lambda: (config_from_args(args), None), args.output, prog)
+
+
+def run_job(
+    build: Callable[[], tuple[config_lib.JobConfig, driver.Variant | None]],
+    output: str,
+    prog: str,
+    report: Callable[[driver.JobResult], None] | None = None,
+) -> int:
+    """Runs the job ``build`` makes (a ``driver.Variant`` of it, if any); returns the exit status.
+
+    Args:
+      build: Makes the job's config and variant; may raise ``JobInputError``.
+      output: The output directory, for the line an interruption prints.
+      prog: The command's name, for its messages.
+      report: Prints the variant's own figures before the job's last lines.
+    """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        config, variant = build()
         result = driver.run(
-            config_from_args(args),
+            config,
             say=_say,
             on_cluster_lost=lambda stuck: _exit_stuck(stuck, prog),
+            variant=variant,
         )
     except (config_lib.JobInputError, ConnectionError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(
-            f"interrupted; committed shards are kept: rerun with --resume to finish {args.output}",
+            f"interrupted; committed shards are kept: rerun with --resume to finish {output}",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    if report is not None:
+        report(result)
     return _report(result, prog)
 
 

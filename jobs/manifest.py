@@ -12,6 +12,7 @@ Layout::
     <output>/_manifest/cancel.json       a request to stop (``griffin-batch cancel``)
     <output>/_manifest/inputs/           OpenAI batch inputs converted to Parquet (``--input-format``)
     <output>/output.jsonl, errors.jsonl  OpenAI batch output records (``--output-format``)
+    <output>/_deduplicated/              ``synthesize``'s rows left by ``--dedup``, and what it removed
     <output>/summary.json                the job's state, rewritten while it runs
     <output>/_SUCCESS                    written at the end when every shard committed
 
@@ -98,6 +99,10 @@ STAGED_INPUTS_DIR = f"{MANIFEST_DIR}/inputs"
 BATCH_OUTPUT_FILE = "output.jsonl"
 BATCH_ERRORS_FILE = "errors.jsonl"
 """OpenAI batch output records (``jobs.openai_results``), written once every shard is committed."""
+DEDUP_DIR = "_deduplicated"
+"""``griffin-batch synthesize``'s deduplicated rows (``jobs.synth_dedup``), written once every
+shard is committed; ``_``-prefixed so that reading the output as a Parquet dataset still
+gives each committed row once."""
 SUMMARY_FILE = "summary.json"
 SUCCESS_FILE = "_SUCCESS"
 MANIFEST_VERSION = 2
@@ -116,7 +121,7 @@ VERIFY_THREADS = 8
 
 # Left by an interrupted run, removed on resume (with ``part-`` files without a record).
 _STRAYS = (output.TEMP_DIR, output.ATTEMPTS_DIR, SUCCESS_FILE, SUMMARY_FILE, BATCH_OUTPUT_FILE,
-           BATCH_ERRORS_FILE)
+           BATCH_ERRORS_FILE, DEDUP_DIR)
 
 # What a run writes directly in its output besides its parts; ``--overwrite`` may delete these.
 _RUN_NAMES = frozenset({*_STRAYS, shards.PROGRESS_DIR, MANIFEST_DIR})

@@ -87,7 +87,7 @@ class Staged:
                 fs.makedirs(posixpath.dirname(target), exist_ok=True)
             # Readers come only after this returns: a plain put is enough.
             fs.put_file(path, target)
-        log.info("staged %d OpenAI batch input(s) under %s/%s", len(self.local), out.url,
+        log.info("staged %d input(s) under %s/%s", len(self.local), out.url,
                  manifest.STAGED_INPUTS_DIR)
 
     def cleanup(self) -> None:
@@ -127,11 +127,11 @@ def stage(io: config_lib.IOConfig, sampling: config_lib.SamplingConfig,
             raise config_lib.JobInputError("; ".join(e for _, e in unreadable[:3]))
         for _, error in unreadable:
             say(f"warning: {error}; its requests are not run, the other inputs go on")
-        local = {f"{scratch}/{n}": f"{_staged_dir(io.output)}/{n}" for _, n, _ in done}
+        local = {f"{scratch}/{n}": f"{staged_dir(io.output)}/{n}" for _, n, _ in done}
         plan = planner.plan(dataclasses.replace(io, inputs=tuple(local)), sampling, say)
         sources = tuple(dataclasses.replace(c, staged=local[f"{scratch}/{n}"])
                         for _, n, c in done)
-        plan = _relocate(plan, local, sources, tuple(unreadable))
+        plan = relocate(plan, local, sources, tuple(unreadable))
         return Staged(plan=plan, local={v: k for k, v in local.items()}, _scratch=scratch)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -194,7 +194,8 @@ class _Lines:
             yield batch
 
 
-def _staged_dir(output_url: str) -> str:
+def staged_dir(output_url: str) -> str:
+    """Where staged inputs go in the output (``manifest.STAGED_INPUTS_DIR``), as a URL."""
     fs, path = fsspec.core.url_to_fs(output_url)
     return output.url_of(fs, f"{path.rstrip('/')}/{manifest.STAGED_INPUTS_DIR}")
 
@@ -205,7 +206,7 @@ def _staged_names(urls: list[str]) -> list[str]:
     return [f"{i:0{width}d}-{posixpath.basename(u)}.parquet" for i, u in enumerate(urls)]
 
 
-def _relocate(plan: planner.JobPlan, where: dict[str, str],
+def relocate(plan: planner.JobPlan, where: dict[str, str],
               sources: tuple[planner.SourceFile, ...],
               unreadable: tuple[tuple[str, str], ...]) -> planner.JobPlan:
     """``plan`` with each local staged file named by its URL in the output (``where``)."""
