@@ -20,6 +20,10 @@ SUBCOMMANDS = {
         "griffin_batch.jobs.generate",
         "generate completions for Parquet prompts on a Ray cluster",
     ),
+    "synthesize": (
+        "griffin_batch.jobs.synthesize",
+        "generate synthetic data from a prompt template over combinations of variables",
+    ),
     "status": ("griffin_batch.jobs.status", "print a job's state from its output directory"),
     "cancel": ("griffin_batch.jobs.cancel", "stop a running job; --resume finishes it"),
 }
