@@ -65,6 +65,7 @@ def test_bad_options_are_named_and_defaults_come_from_the_job():
             data.build_processor(data.ProcessorConfig(**kwargs))
 
 
+@pytest.mark.ray
 def test_the_generation_step_is_an_autoscaling_pool_of_threaded_actors(ray_address):
     processor = data.build_processor(data.ProcessorConfig(
         concurrency=(1, 2), max_concurrent_batches=3, engine=ENGINE, accelerator="auto"))
@@ -153,6 +154,13 @@ def test_output_rows_are_the_input_rows_once_per_sample_in_order():
 
 
 # --- the actor, in this process -------------------------------------------------------------------
+
+def test_an_actor_that_cannot_load_the_model_says_why_and_where(tmp_path):
+    config = data.ProcessorConfig(checkpoint=str(tmp_path / "no-ckpt"),
+                                  tokenizer=str(tmp_path / "no.model"))
+    with pytest.raises(stage.ModelLoadError, match=r"could not load the model on .*no-ckpt"):
+        stage.GenerateStage(config.model_spec(), config.row_options())
+
 
 @pytest.mark.slow
 def test_concurrent_batches_share_one_actor_engine(jax_cache, prompts):
