@@ -140,10 +140,8 @@ class SynthesizeJob:
         """Deduplicates the committed rows and counts their validity, for the summary."""
         figures: dict[str, Any] = {"validation": _validity(out, plan)}
         if self.synth.dedup != synth_dedup.NONE:
+            say(f"deduplicating ({self.synth.dedup}) into {out.url}/{manifest.DEDUP_DIR}/")
             counts = synth_dedup.write(out, plan, self.synth.dedup, self.synth.dedup_threshold)
-            say(f"dedup ({counts.mode}): kept {counts.kept} of {counts.rows} row(s), removed "
-                f"{counts.removed_exact} exact and {counts.removed_near} near duplicate(s); "
-                f"deduplicated rows in {out.url}/{manifest.DEDUP_DIR}/")
             figures["dedup"] = counts.to_summary()
         else:
             figures["dedup"] = {"mode": synth_dedup.NONE}

@@ -329,3 +329,19 @@ def test_the_example_runs_with_a_grid_a_schema_and_dedup_then_resumes(tmp_path, 
     before = {n: pathlib.Path(out, n).read_bytes() for n in names}
     assert cli.main([*argv, "--resume"]) == 0
     assert {n: pathlib.Path(out, n).read_bytes() for n in names} == before
+
+    # The recorded seed reproduces the sample: a generate row with that prompt and seed,
+    # for a first draw, a redraw that passed and one that did not.
+    picks = [next(r for r in rows if r["attempts"] == 1), next(
+        r for r in rows if r["valid"] and r["attempts"] > 1), next(
+        r for r in rows if not r["valid"])]
+    again = str(tmp_path / "again")
+    pq.write_table(pa.table({"prompt": [r["prompt"] for r in picks],
+                             "seed": pa.array([r["seed"] for r in picks], pa.uint64())}),
+                   tmp_path / "picks.parquet")
+    assert cli.main(["generate", "--input", str(tmp_path / "picks.parquet"),
+                     "--sampling-columns", "seed", *argv[argv.index("--temperature"):
+                                                         argv.index("--output")],
+                     "--output", again, *argv[argv.index("--address"):]]) == 0
+    assert read_output(again).column("completion").to_pylist() == [
+        r["completion"] for r in picks]
