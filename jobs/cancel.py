@@ -16,7 +16,7 @@ import socket
 import sys
 
 from griffin_batch.jobs import config as config_lib
-from griffin_batch.jobs import lifecycle, manifest
+from griffin_batch.jobs import lifecycle, manifest, stages
 
 DESCRIPTION = "stop the job running on an output directory; --resume finishes it later"
 
@@ -29,8 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, prog: str = "griffin-batch cancel") -> int:
     """Asks the driver to stop; returns 0 once asked, 2 when no job runs there."""
     try:
-        lease = manifest.request_cancel(
-            args.output, lifecycle.cancel_record(socket.gethostname(), os.getpid()))
+        lease = manifest.request_cancel(  # a staged job's (summarize) running stage
+            stages.current(args.output), lifecycle.cancel_record(socket.gethostname(), os.getpid()))
     except (config_lib.JobInputError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

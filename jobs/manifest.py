@@ -13,6 +13,7 @@ Layout::
     <output>/_manifest/inputs/           OpenAI batch inputs converted to Parquet (``--input-format``)
     <output>/output.jsonl, errors.jsonl  OpenAI batch output records (``--output-format``)
     <output>/_deduplicated/              ``synthesize``'s rows left by ``--dedup``, and what it removed
+    <output>/_stages/<stage>/            ``summarize``'s earlier stages, each a job directory of its own
     <output>/summary.json                the job's state, rewritten while it runs
     <output>/_SUCCESS                    written at the end when every shard committed
 
@@ -103,6 +104,9 @@ DEDUP_DIR = "_deduplicated"
 """``griffin-batch synthesize``'s deduplicated rows (``jobs.synth_dedup``), written once every
 shard is committed; ``_``-prefixed so that reading the output as a Parquet dataset still
 gives each committed row once."""
+STAGES_DIR = "_stages"
+"""Earlier stages of a multi-stage job (``summarize --mode map-reduce``), each an output
+directory with its own manifest and lease; ``prepare`` leaves it to them."""
 SUMMARY_FILE = "summary.json"
 SUCCESS_FILE = "_SUCCESS"
 MANIFEST_VERSION = 2
@@ -226,7 +230,8 @@ class OutputDir:
         """
         try:
             self._refuse_inputs_inside(plan)
-            existing = self.entries()
+            # Earlier stages ran in _stages/ just before this one: their own directories.
+            existing = [n for n in self.entries() if n != STAGES_DIR]
             if existing:
                 self._refuse_if_leased()
             if existing and not resume and not overwrite:

@@ -15,7 +15,7 @@ import sys
 
 import fsspec
 
-from griffin_batch.jobs import lifecycle, manifest
+from griffin_batch.jobs import lifecycle, manifest, stages
 
 DESCRIPTION = "print a job's state, counts, speed and ETA from its output directory"
 EXIT_COMPLETED, EXIT_NOT_COMPLETED, EXIT_RUNNING = 0, 1, 3
@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, prog: str = "griffin-batch status") -> int:
     """Prints the job's state; returns the exit status."""
-    fs, path = fsspec.core.url_to_fs(args.output)
+    where = stages.current(args.output)  # a staged job's (summarize) running stage
+    fs, path = fsspec.core.url_to_fs(where)
     try:
         summary = json.loads(fs.cat_file(f"{path.rstrip('/')}/{manifest.SUMMARY_FILE}"))
     except FileNotFoundError:
@@ -41,6 +42,8 @@ def run(args: argparse.Namespace, prog: str = "griffin-batch status") -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
+        if where != args.output:
+            print(f"stage: {where} (an earlier stage of the job)")
         print("\n".join(lifecycle.describe(summary)))
     status = summary.get("status")
     if status == lifecycle.COMPLETED:
