@@ -313,15 +313,28 @@ def run_job(
       prog: The command's name, for its messages.
       report: Prints the variant's own figures before the job's last lines.
     """
+    def call(say: driver.Say, on_cluster_lost: Callable[[driver.JobResult], None]
+             ) -> driver.JobResult:
+        config, variant = build()
+        return driver.run(config, say=say, on_cluster_lost=on_cluster_lost, variant=variant)
+
+    return run_stages(call, output, prog, report)
+
+
+def run_stages(
+    call: Callable[[driver.Say, Callable[[driver.JobResult], None]], driver.JobResult],
+    output: str,
+    prog: str,
+    report: Callable[[driver.JobResult], None] | None = None,
+) -> int:
+    """Runs ``call(say, on_cluster_lost)``: one driver run or several in turn (a job in stages).
+
+    ``call`` passes both on to every ``driver.run`` and returns the last result; it
+    may raise ``JobInputError``. The messages and exit status are ``run_job``'s.
+    """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        config, variant = build()
-        result = driver.run(
-            config,
-            say=_say,
-            on_cluster_lost=lambda stuck: _exit_stuck(stuck, prog),
-            variant=variant,
-        )
+        result = call(_say, lambda stuck: _exit_stuck(stuck, prog))
     except (config_lib.JobInputError, ConnectionError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
