@@ -24,6 +24,10 @@ SUBCOMMANDS = {
         "griffin_batch.jobs.synthesize",
         "generate synthetic data from a prompt template over combinations of variables",
     ),
+    "summarize": (
+        "griffin_batch.jobs.summarize",
+        "summarize long documents (text files or a Parquet text column), whole or map-reduce",
+    ),
     "status": ("griffin_batch.jobs.status", "print a job's state from its output directory"),
     "cancel": ("griffin_batch.jobs.cancel", "stop a running job; --resume finishes it"),
 }
