@@ -651,6 +651,19 @@ def _check_same_job(
             "rerun with the original options or pass --overwrite"
         )
     if saved.get("plan") != plan.to_dict():
+        # Inputs converted at plan time (OpenAI batch files, synthesize's vars and template)
+        # show a change in their recorded size and SHA-256, not in the converted files' rows.
+        old_sources = {s["url"]: (s.get("size"), s.get("sha256"))
+                       for s in saved.get("plan", {}).get("sources", [])}
+        new_sources = {s.url: (s.size, s.sha256) for s in plan.sources}
+        changed = sorted(u for u in old_sources.keys() | new_sources.keys()
+                         if old_sources.get(u) != new_sources.get(u))
+        if changed:
+            raise config_lib.JobInputError(
+                f"cannot resume {url}: the inputs changed since the job was planned "
+                f"({', '.join(changed[:5])}: size or SHA-256 differ from the plan's); pass "
+                "--overwrite to start over"
+            )
         old_files = {f["url"]: f["num_rows"] for f in saved.get("plan", {}).get("files", [])}
         new_files = {f.url: f.num_rows for f in plan.files}
         diff = sorted(set(old_files.items()) ^ set(new_files.items()))

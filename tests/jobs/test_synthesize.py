@@ -149,6 +149,29 @@ def test_without_vars_the_template_is_rendered_once(tmp_path):
     assert plan.sources == ()
 
 
+def test_resume_refuses_a_changed_vars_file_naming_it(tmp_path):
+    vars_path = tmp_path / "vars.yaml"
+
+    def planned(text):
+        vars_path.write_text(text)
+        synth = synth_job.SynthConfig(template_text="{{ a }}", vars=str(vars_path))
+        job = synth_job.SynthesizeJob(synth)
+        config = config_lib.JobConfig(io=config_lib.IOConfig(inputs=synth.sources(),
+                                                             output=str(tmp_path / "out")))
+        config, plan, staged = job.stage(config, print)
+        staged.cleanup()
+        return plan, {**config.fingerprint(), **job.fingerprint()}
+
+    plan, fingerprint = planned("- {a: 1}\n- {a: 2}\n")
+    out = manifest.OutputDir(str(tmp_path / "out"))
+    out.prepare(plan, fingerprint, resume=False, overwrite=False)
+    out.release()
+    plan, fingerprint = planned("- {a: 1}\n- {a: 3}\n")  # the same rows, another value
+    with pytest.raises(config_lib.JobInputError,
+                       match=r"the inputs changed .*\(.*vars\.yaml: size or SHA-256 differ"):
+        out.prepare(plan, fingerprint, resume=True, overwrite=False)
+
+
 def test_a_missing_variable_or_a_taken_name_stops_the_job_before_it_starts(tmp_path):
     with pytest.raises(config_lib.JobInputError,
                        match=r"'b' is undefined in combination vars\.yaml#1 \(row 1 of --vars"):
