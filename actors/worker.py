@@ -7,7 +7,9 @@ engine and refusing to answer unless every row came back exactly once;
 ``process_shard`` does the same with reading and writing, keeping finished
 samples on local disk rather than in memory (``griffin_batch.actors.spill``)
 and, with ``--checkpoint-every``, continuing from the shard's newest progress
-checkpoint (``griffin_batch.actors.progress``). Per-row problems are data
+checkpoint (``griffin_batch.actors.progress``); with ``ShardOptions.validation``
+it checks each finished sample and draws rejected ones again before writing
+(``griffin_batch.actors.redraw``; ``__call__`` does not). Per-row problems are data
 (error rows); a dead engine is fatal (``WorkerLost``), and the driver replaces
 the worker. SIGTERM, or the driver's ``drain()`` for a node Ray is draining,
 checkpoints every shard held and ends the worker's calls as lost.

@@ -18,7 +18,7 @@ commits, progress checkpoints, ``--resume`` and summary. What differs:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pyarrow.compute as pc
@@ -112,7 +112,7 @@ class SynthesizeJob:
         self.check, self.schema_sha256 = (synth_checks.load(synth.json_schema)
                                           if synth.json_schema else (None, None))
 
-    def stage(self, config: config_lib.JobConfig, say: Any
+    def stage(self, config: config_lib.JobConfig, say: Callable[[str], None]
               ) -> tuple[config_lib.JobConfig, planner.JobPlan, openai_staging.Staged]:
         """Renders the prompts into the job's staged input and plans it (``driver.Variant``)."""
         return synth_staging.stage(config, self.template, self.variables, self.synth.n, say)
@@ -135,8 +135,8 @@ class SynthesizeJob:
         return dataclasses.replace(options, validation=validation.Validation(
             check=self.check, max_attempts=attempts))
 
-    def finish(self, out: manifest.OutputDir, plan: planner.JobPlan, say: Any
-               ) -> Mapping[str, Any]:
+    def finish(self, out: manifest.OutputDir, plan: planner.JobPlan,
+               say: Callable[[str], None]) -> Mapping[str, Any]:
         """Deduplicates the committed rows and counts their validity, for the summary."""
         figures: dict[str, Any] = {"validation": _validity(out, plan)}
         if self.synth.dedup != synth_dedup.NONE:
