@@ -24,7 +24,7 @@ class SampleState:
     Attributes:
       request: the request the sample belongs to.
       sample_index: which of the request's ``n`` samples.
-      prompt: the prompt's token ids.
+      prompt: the prompt's token ids (int32).
       stop_ids: token ids that end the sample (the tokenizer's and the request's).
       text: the sample's text stream (incremental decoding, stop strings).
       generated: tokens generated and accounted so far.
@@ -33,7 +33,7 @@ class SampleState:
 
     request: Request
     sample_index: int
-    prompt: list[int]
+    prompt: np.ndarray
     stop_ids: frozenset[int]
     text: TextStream
     generated: int = 0

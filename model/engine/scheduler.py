@@ -58,7 +58,7 @@ class PrefillPlan:
     samples: list[SampleState]
     slots: list[int]
     row_of: list[int]
-    prompts: list[list[int]]
+    prompts: list[np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +118,7 @@ class SlotScheduler:
         row_by_request: dict[int, int] = {}
         row_of = [row_by_request.setdefault(id(s.request), len(row_by_request))
                   for s in samples]
-        prompts: list[list[int]] = [[] for _ in row_by_request]
+        prompts: list[np.ndarray] = [np.zeros(0, np.int32) for _ in row_by_request]
         for s, row in zip(samples, row_of, strict=True):
             prompts[row] = s.prompt
         return PrefillPlan(samples, slots, row_of, prompts)

@@ -129,7 +129,7 @@ def test_snapshots_in_the_feed_are_restored_or_queued_again():
 
 def test_validator_encodes_text_and_merges_stop_tokens():
     s = state(req("t", prompt="abc", max_tokens=3, stop_token_ids=(7,)))
-    assert s.prompt == [2, 10, 11, 12]
+    assert s.prompt.tolist() == [2, 10, 11, 12] and s.prompt.dtype == "int32"
     assert s.stop_ids == frozenset({1, 7})
     assert (s.generated, s.position) == (0, 3)
 
@@ -217,7 +217,7 @@ def test_prefill_plan_shares_a_row_per_request_and_reserves_slots():
     samples = [state(a), state(a), state(b)]
     plan = slots.plan_prefill(samples)
     assert (plan.slots, plan.row_of) == ([0, 2, 3], [0, 0, 1])
-    assert plan.prompts == [[10, 11], [12, 13, 14]]
+    assert [p.tolist() for p in plan.prompts] == [[10, 11], [12, 13, 14]]
     assert slots.free() == [] and slots.reserved() == samples and slots.decoding() == [1]
     assert slots.plan_decode(4).samples == [None, slots.slots[1], None, None]
 
