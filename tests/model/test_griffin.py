@@ -67,7 +67,9 @@ def case(name: str):
     params = noisy_params(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(7), (2, SEQ_LEN), 0, cfg.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(SEQ_LEN), tokens.shape)
-    ref_logits, _ = rg.Griffin(reference_config(cfg)).apply({"params": params}, tokens, positions)
+    # jit: one compile instead of op-by-op dispatch of the reference's eager Flax code.
+    ref_logits, _ = jax.jit(rg.Griffin(reference_config(cfg)).apply)(
+        {"params": params}, tokens, positions)
     ours = griffin.forward_logits(cfg, params, tokens)
     return cfg, params, tokens, np.asarray(ref_logits), np.asarray(ours)
 
@@ -80,7 +82,8 @@ def max_diff(a, b) -> float:
 def test_param_tree_equals_reference(name):
     cfg = CONFIGS[name]
     tokens = jnp.zeros((1, 1), jnp.int32)
-    ref = rg.Griffin(reference_config(cfg)).init(jax.random.PRNGKey(0), tokens, tokens)["params"]
+    ref = jax.jit(rg.Griffin(reference_config(cfg)).init)(
+        jax.random.PRNGKey(0), tokens, tokens)["params"]
     ours = griffin.init_params(cfg, jax.random.PRNGKey(0))
     assert jax.tree.structure(ref) == jax.tree.structure(ours)
     assert jax.tree.map(jnp.shape, ref) == jax.tree.map(jnp.shape, ours)
@@ -148,7 +151,7 @@ def test_bfloat16_matches_reference_in_bfloat16():
     cfg, params, tokens, ref32, _ = case("narrow_lru")
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     positions = jnp.broadcast_to(jnp.arange(SEQ_LEN), tokens.shape)
-    ref16, _ = rg.Griffin(reference_config(cfg)).apply({"params": p16}, tokens, positions)
+    ref16, _ = jax.jit(rg.Griffin(reference_config(cfg)).apply)({"params": p16}, tokens, positions)
     ours16 = griffin.forward_logits(cfg, p16, tokens)
     chunked16 = griffin.forward_logits(cfg, p16, tokens, chunk_size=8)
     ref_err, our_err = max_diff(ref16, ref32), max_diff(ours16, ref32)
