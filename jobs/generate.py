@@ -26,7 +26,7 @@ from typing import NoReturn
 
 from griffin_batch.actors import columns
 from griffin_batch.jobs import config as config_lib
-from griffin_batch.jobs import driver
+from griffin_batch.jobs import driver, show
 from griffin_batch.model import engine_config
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_INPUT, EXIT_CLUSTER_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -107,6 +107,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=config_lib.IOConfig.output_format,
         help="parquet, or openai-batch: also write output.jsonl and errors.jsonl (OpenAI Batch "
         "API output records, in input order) once every shard is committed",
+    )
+    io.add_argument(
+        "--show",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the first N output rows when the job ends (the prompt too where "
+        "--keep-columns copies it)",
     )
     add_job_arguments(p)
 
@@ -296,7 +304,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "griffin-batch generate"
 
 def run(args: argparse.Namespace, prog: str = "griffin-batch generate") -> int:
     """Runs the job from parsed arguments; returns the exit status."""
-    return run_job(lambda: (config_from_args(args), None), args.output, prog)
+    def show_rows(result: driver.JobResult) -> None:
+        rows = show.first_rows(result.output, args.show, args.prompt_column)
+        if rows:
+            print(show.format_rows(rows))
+
+    return run_job(lambda: (config_from_args(args), None), args.output, prog,
+                   report=show_rows if args.show > 0 else None)
 
 
 def run_job(
