@@ -279,21 +279,18 @@ def test_a_failed_request_is_an_error_record_and_parquet_rows_use_their_id():
 
 # --- one real job ---------------------------------------------------------------------------
 
+# The README's example file, with bad requests put between its lines: every request comes
+# back once, in input order, in one of the two files.
+EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "openai_batch" / "requests.jsonl"
+_GOOD = EXAMPLE.read_text().splitlines()  # sys, two, stops, multi, cmpl, greedy, last
 E2E_LINES = [
-    _line("sys", max_tokens=4, messages=[{"role": "system", "content": "Be brief."},
-                                         {"role": "user", "content": "Name a colour."}]),
-    _line("two", n=2, temperature=0.8, seed=5, max_completion_tokens=6),
-    _line("stops", stop=["\n", " the", "."], temperature=1.0, seed=1),
-    _line("multi", messages=[{"role": "user", "content": "Hi"},
-                             {"role": "assistant", "content": "Hello."},
-                             {"role": "user", "content": [{"type": "text", "text": "More"}]}]),
-    _line("cmpl", url=openai_requests.COMPLETIONS_URL, messages=None, prompt="Once upon a"),
+    *_GOOD[:5],
     _line("tools", tools=[{"type": "function"}]),
     "this line is not JSON",
     _line("hot", temperature=-1),
-    _line("greedy", model="gpt-4o-mini", top_p=0.5),
+    _GOOD[5],
     "",
-    _line("last", n=2, max_tokens=3, temperature=0.5),
+    _GOOD[6],
 ]
 
 
