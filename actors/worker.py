@@ -63,7 +63,8 @@ class ModelSpec:
         bundled demo model (resolved where the worker runs).
       tokenizer: SentencePiece model path or URL (None with the demo model).
       preset: Config preset name when the checkpoint has no config.
-      dtype: Parameter/compute dtype name (None: as stored).
+      dtype: Parameter/compute dtype name; None: bfloat16 on TPU and GPU, the stored
+        dtype on CPU (``griffin_batch.model.dtypes.compute_dtype``).
       engine: The engine's sizing (longer prompts than its
         ``max_prompt_tokens`` become error rows).
     """
@@ -155,19 +156,20 @@ class GenerationWorker:
         os.kill(os.getpid(), signal.SIGTERM)  # the second one exits (see on_sigterm)
 
     def _load(self, spec: ModelSpec) -> None:
+        import jax
+
         from griffin_batch import (
             model,  # heavy (JAX): imported where the worker runs, not where it is scheduled
         )
-        from griffin_batch.model import engine, snapshots
+        from griffin_batch.model import dtypes, engine, snapshots
 
         checkpoint, tokenizer = spec.checkpoint, spec.tokenizer
         if checkpoint is None:
             from griffin_batch.model import demo
 
             checkpoint, tokenizer = demo.demo_checkpoint_path(), demo.demo_tokenizer_path()
-        config, params = model.load_checkpoint(
-            str(checkpoint), preset=spec.preset, dtype=spec.dtype
-        )
+        dtype = dtypes.compute_dtype(spec.dtype, jax.local_devices()[0].platform)
+        config, params = model.load_checkpoint(str(checkpoint), preset=spec.preset, dtype=dtype)
         self.tokenizer = model.load_tokenizer(str(tokenizer))
         self.engine = engine.Engine(config, params, self.tokenizer, spec.engine)
         self._loop = batching.EngineLoop(self.engine)

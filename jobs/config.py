@@ -98,7 +98,8 @@ class ModelConfig:
     """Config preset for checkpoints that carry no config (e.g. ``recurrentgemma-2b``)."""
 
     dtype: str | None = None
-    """Parameter and compute dtype (``bfloat16``, ``float32``); None keeps the stored one."""
+    """Parameter and compute dtype (``bfloat16``, ``float32``); None: bfloat16 on TPU and GPU,
+    the stored one on CPU (``griffin_batch.model.dtypes``)."""
 
     chat: bool = False
     """Wrap each prompt in the instruction-tuned chat format."""

@@ -27,7 +27,7 @@ from typing import NoReturn
 from griffin_batch.actors import columns
 from griffin_batch.jobs import config as config_lib
 from griffin_batch.jobs import driver, show
-from griffin_batch.model import engine_config
+from griffin_batch.model import dtypes, engine_config
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_INPUT, EXIT_CLUSTER_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -125,7 +125,7 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--checkpoint", help="checkpoint path or URL (default: bundled demo model)")
     m.add_argument("--tokenizer", help="SentencePiece tokenizer.model path or URL")
     m.add_argument("--preset", help="config preset for checkpoints without a config")
-    m.add_argument("--dtype", help="bfloat16 or float32 (default: as stored)")
+    m.add_argument("--dtype", help=f"bfloat16 or float32 ({dtypes.DEFAULT_HELP})")
     m.add_argument(
         "--chat", action="store_true", help="wrap prompts in the instruction-tuned chat format"
     )

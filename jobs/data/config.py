@@ -37,7 +37,8 @@ class ProcessorConfig:
       checkpoint: Checkpoint path or URL; None runs the bundled demo model.
       tokenizer: SentencePiece model path or URL; required with ``checkpoint``.
       preset: Config preset for checkpoints that carry no config.
-      dtype: Parameter and compute dtype (``bfloat16``, ``float32``); None keeps the stored one.
+      dtype: Parameter and compute dtype (``bfloat16``, ``float32``); None: bfloat16 on TPU
+        and GPU, the stored one on CPU (``griffin_batch.model.dtypes``).
       engine: Each actor's engine sizing (slots, decode steps, chunk size, prompt limit).
       chat: Wrap each prompt in the instruction-tuned chat format.
       prompt_column: The column holding the prompt text.
