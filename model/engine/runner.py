@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -119,11 +120,17 @@ class PrefillGroup:
         self.last_logits = jnp.zeros((self.size, runner.config.vocab_size), jnp.float32)
         self.chunk = runner.engine_config.chunk_size
         self.done = False
+        self._alone: tuple[int, Any] | None = None  # (row, its state) prefilling alone
 
     def advance(self, runner: ModelRunner) -> None:
         """Prefills the next chunk of every prompt."""
         remaining = int(self.lengths.max()) - self.offset
         length = min(self.chunk, pow2_at_least(remaining, MIN_CHUNK))
+        active = np.flatnonzero(self.lengths > self.offset)
+        if len(active) == 1 and self.lengths[active[0]] > self.offset + length:
+            self._advance_alone(runner, int(active[0]), length)
+            return
+        self._rejoin()
         tokens = np.zeros((self.size, length), np.int32)
         positions = np.full((self.size, length), -1, np.int32)
         for i, prompt in enumerate(self.plan.prompts):
@@ -138,6 +145,32 @@ class PrefillGroup:
         self.last_logits = jnp.where(jnp.asarray(ends)[:, None], logits, self.last_logits)
         self.offset += length
         self.done = self.offset >= self.lengths.max()
+
+    def _advance_alone(self, runner: ModelRunner, row: int, length: int) -> None:
+        """A full chunk of the one prompt still prefilling, on a one-row state of its own.
+
+        The other rows would only be padding, as costly as a prompt. Only chunks
+        that do not end the prompt run alone: a one-row batch gives the same
+        state on XLA:CPU, but other logits (its last matmul is a matrix-vector
+        product), so the chunk that ends it, whose logits give its first token,
+        runs in the group again (``_rejoin``) and a retried prompt reproduces.
+        """
+        if self._alone is None:
+            self._alone = (row, jax.tree.map(lambda c: c[row : row + 1], self.cache))
+        piece = self.plan.prompts[row][self.offset : self.offset + length]
+        positions = np.arange(self.offset, self.offset + length, dtype=np.int32)[None]
+        cache, _ = _prefill_chunk(runner.config, runner.params, self._alone[1], piece[None],
+                                  positions, scan=runner.engine_config.scan_implementation)
+        self._alone = (row, cache)
+        self.offset += length
+
+    def _rejoin(self) -> None:
+        """Copies the state of a row that prefilled alone back into the group's."""
+        if self._alone is not None:
+            row, cache = self._alone
+            self.cache = _insert(self.cache, cache, np.zeros(1, np.int32),
+                                 jnp.asarray([row], jnp.int32))
+            self._alone = None
 
 
 class ModelRunner:

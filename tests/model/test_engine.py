@@ -328,6 +328,29 @@ def test_continuous_batching_more_requests_than_slots(model):
     assert sum(len(c.tokens) for c in together.values()) > 150
 
 
+def test_a_prompt_left_alone_in_its_group_prefills_as_beside_a_longer_one(model, monkeypatch):
+    """Past its mates' prompts a prompt prefills on a one-row state; the samples do not change."""
+    from griffin_batch.model.engine import runner
+
+    alone_chunks = []
+    advance_alone = runner.PrefillGroup._advance_alone
+
+    def counted(self, *args):
+        alone_chunks.append(args[1:])
+        return advance_alone(self, *args)
+
+    monkeypatch.setattr(runner.PrefillGroup, "_advance_alone", counted)
+    target = req("x", PROMPTS[3], temperature=1.0, seed=5, max_tokens=12, logprobs=True)
+    beside_short = run(make_engine(model), [target, req("s", PROMPTS[0])])[("x", 0)]
+    assert alone_chunks  # every chunk but the first and the last
+    alone_chunks.clear()
+    longer = req("l", PROMPTS[3] + " And then the boats came home.", max_tokens=12)
+    beside_longer = run(make_engine(model), [target, longer])[("x", 0)]
+    assert not alone_chunks or all(row == 1 for row, _ in alone_chunks)  # only the longer one
+    assert beside_short.tokens == beside_longer.tokens
+    assert beside_short.logprobs == beside_longer.logprobs  # the same state, to the bit
+
+
 def test_longest_first_admits_long_requests_first_and_pulls_a_bounded_window(model):
     lengths = (2, 20, 5, 11)  # arrival order
     requests = [req(i, PROMPTS[0], max_tokens=n) for i, n in enumerate(lengths)]
