@@ -136,9 +136,12 @@ def test_summaries_that_do_not_fit_are_combined_in_groups_of_two_or_more(tok):
 # --- real jobs --------------------------------------------------------------------------------
 
 def _argv(inputs, out, ray_address, *extra) -> list[str]:
+    # Both jobs run the same engine sizes, so the second finds most of its programs in the
+    # session's compilation cache: two slots (prefill groups of two), 512-token chunks.
     return ["summarize", *[a for i in inputs for a in ("--input", i)], "--output", out,
             "--address", ray_address, "--workers", "1", "--accelerator", "cpu",
-            "--slots", "4", "--decode-steps", "8", "--max-tokens", "6", *extra]
+            "--slots", "2", "--decode-steps", "8", "--chunk-size", "512", "--max-tokens", "6",
+            *extra]
 
 
 @pytest.mark.ray
@@ -152,8 +155,7 @@ def test_single_mode_summarizes_a_64k_token_document_from_a_parquet_column(
         "doc_id": ["long", "short", "missing"],
         "body": [long_doc, "The for statement iterates over the items of a sequence.", None]})
     out = str(tmp_path / "out")
-    argv = _argv([path], out, ray_address, "--text-column", "body", "--id-column", "doc_id",
-                 "--chunk-size", "512")
+    argv = _argv([path], out, ray_address, "--text-column", "body", "--id-column", "doc_id")
     assert cli.main(argv) == 0, capsys.readouterr().err[-3000:]
     rows = {r["id"]: r for r in read_output(out).to_pylist()}
     assert list(rows) == ["long", "short", "missing"]
@@ -179,8 +181,10 @@ def test_map_reduce_summarizes_sections_then_their_summaries_and_resumes(
     (docs / "broken.txt").write_bytes(b"\xff\xfe not text")
     (docs / "tiny.txt").write_text("A list holds items in order.")
     out = str(tmp_path / "out")
+    # Sections of at most 128 tokens: 4 and 5 of them, whose summaries together fit 128
+    # tokens, so the final requests combine them (one reduce level, two stages).
     argv = _argv([str(docs / "*")], out, ray_address, "--mode", "map-reduce",
-                 "--section-tokens", "96", "--keep-sections", "--max-tokens", "12")
+                 "--section-tokens", "128", "--keep-sections", "--max-tokens", "8")
     assert cli.main(argv) == 0, capsys.readouterr().err[-3000:]
     rows = {pathlib.Path(r["id"]).name: r for r in read_output(out).to_pylist()}
     assert sorted(rows) == ["broken.txt", "exceptions.txt", "generators.md", "tiny.txt"]
@@ -188,7 +192,7 @@ def test_map_reduce_summarizes_sections_then_their_summaries_and_resumes(
         r = rows[name]
         text = (docs / name).read_text()
         assert r["document_tokens"] == summary_sections.count_tokens(tok, text)
-        assert len(r["sections"]) == len(summary_sections.split(text, 96, tok)) > 2
+        assert len(r["sections"]) == len(summary_sections.split(text, 128, tok)) > 2
         assert r["finish_reason"] in ("stop", "length") and r["error"] is None
         print(f"map-reduce {name}: sections {r['sections'][:2]} ... summary {r['completion']!r}")
     assert rows["tiny.txt"]["sections"] == [] and rows["tiny.txt"]["finish_reason"] != "error"
@@ -196,6 +200,7 @@ def test_map_reduce_summarizes_sections_then_their_summaries_and_resumes(
     level1 = read_output(f"{out}/{manifest.STAGES_DIR}/level-1")
     assert set(level1.column("document").to_pylist()) == {
         str(docs / "exceptions.txt"), str(docs / "generators.md")}
+    assert sorted(p.name for p in pathlib.Path(out, manifest.STAGES_DIR).iterdir()) == ["level-1"]
     summary = json.loads(pathlib.Path(out, manifest.SUMMARY_FILE).read_text())
     assert summary["status"] == "completed" and summary["request_counts"]["total"] == 4
 
