@@ -36,7 +36,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import psutil
 
 from griffin_batch.model import testing
 from griffin_batch.model.config import GriffinConfig, griffin_pattern
@@ -206,11 +205,16 @@ def hf_model(config: GriffinConfig, params):
     return model.eval()
 
 
-def hf_generate(model, prompts: Sequence[Sequence[int]], steps: int) -> np.ndarray:
-    """Greedy tokens [b, steps] from equal-length ``prompts``; exactly ``steps`` each."""
+def hf_generate(model, prompts: Sequence[Sequence[int]], steps: int,
+                max_time: float | None = None) -> np.ndarray:
+    """Greedy tokens [b, steps] from equal-length ``prompts``; exactly ``steps`` each.
+
+    ``max_time`` (seconds) stops generation early: then fewer than ``steps``
+    columns come back. Runs on the model's device.
+    """
     import torch
 
-    ids = torch.tensor(np.array(prompts, np.int64))
+    ids = torch.tensor(np.array(prompts, np.int64), device=model.device)
     with torch.inference_mode():
         out = model.generate(
             input_ids=ids,
@@ -220,8 +224,9 @@ def hf_generate(model, prompts: Sequence[Sequence[int]], steps: int) -> np.ndarr
             do_sample=False,
             pad_token_id=0,
             eos_token_id=None,
+            max_time=max_time,
         )
-    return out[:, ids.shape[1] :].numpy()
+    return out[:, ids.shape[1] :].cpu().numpy()
 
 
 # A global-attention transformer for contrast ---------------------------------
@@ -458,6 +463,8 @@ def matmul_floor_tokens_per_s(params, batch: int, steps: int = 32, repeats: int 
 
 def rss_mb() -> float:
     """Resident memory of this process and its children, MiB."""
+    import psutil  # here: the GPU benchmark imports this module where psutil may be missing
+
     proc = psutil.Process()
     total = proc.memory_info().rss
     for child in proc.children(recursive=True):

@@ -1,0 +1,76 @@
+"""The prepared GPU benchmark's path, on CPU: ``benchmarks/gpu.sh --smoke``.
+
+The GPU machine has the benchmark's libraries but no install of this package
+and no network; the smoke run goes through the same script, phases and JSON
+line on a tiny config, and the import shim is checked with the editable
+install hidden.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+GPU_KEYS = {
+    "bench", "smoke", "model", "dtype", "params", "device", "backend", "jax", "prompt_tokens",
+    "new_tokens", "batches", "engine_tokens_per_s", "hf_tokens_per_s", "vs_hf", "hf_truncated",
+    "sweep_batch", "tokens_per_s_by_output_length", "sweep_complete", "flat_2k_8k",
+    "cache_bytes_per_slot", "device_bytes_in_use", "hf_peak_bytes_per_slot", "engine_compiles",
+    "targets", "skipped", "missing_modules", "torch", "transformers", "phase_s", "wall_s",
+}
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_run_reports_every_key(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run([os.path.join(ROOT, "benchmarks", "gpu.sh"), "--smoke"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(line))
+    assert set(line) == GPU_KEYS
+    assert json.loads((tmp_path / "gpu.json").read_text()) == line
+    assert line["smoke"] and line["skipped"] == {} and line["missing_modules"] == []
+    batch = str(line["batches"][0])
+    assert line["engine_tokens_per_s"][batch] > 0 and line["hf_tokens_per_s"][batch] > 0
+    assert line["vs_hf"][batch] > 0 and line["hf_truncated"][batch] is False
+    assert sorted(map(int, line["tokens_per_s_by_output_length"])) == [8, 16, 32, 64]
+    assert line["sweep_complete"] and 0 < line["flat_2k_8k"] <= 1
+    assert line["cache_bytes_per_slot"] > 0
+    assert set(line["phase_s"]) == {"prepare", "engine", "hf"}
+
+
+_HIDE_INSTALL = textwrap.dedent("""
+    import importlib.util, sys
+    # Hide the editable install, as on a machine where griffin_batch is not installed.
+    sys.meta_path[:] = [f for f in sys.meta_path if "Editable" not in getattr(f, "__name__", "")]
+    sys.path_hooks[:] = [h for h in sys.path_hooks if "Editable" not in getattr(h, "__qualname__", "")]
+    sys.path_importer_cache.clear()
+    sys.path[:] = [p for p in sys.path if p not in ("", {root!r})]
+    try:
+        importlib.util.find_spec("griffin_batch.model")
+        raise SystemExit("griffin_batch is still importable")
+    except ModuleNotFoundError:
+        pass
+    sys.path.insert(0, {root!r})
+    from benchmarks import tree_import
+    tree = tree_import.ensure_importable()
+    import griffin_batch.model.dtypes
+    assert griffin_batch.model.dtypes.__file__.startswith(tree), griffin_batch.model.dtypes.__file__
+    for name in ("griffin_batch.data", "griffin_batch.kernels.rglru_scan", "griffin_batch.jobs"):
+        assert importlib.util.find_spec(name) is not None, name
+    print("ok", tree)
+""")
+
+
+def test_tree_import_makes_the_package_importable_without_an_install():
+    script = _HIDE_INSTALL.format(root=ROOT)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout
+    assert proc.stdout.startswith("ok")
