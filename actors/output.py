@@ -45,6 +45,8 @@ BASE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("num_completion_tokens", pa.int32(), nullable=False),
     pa.field("error", pa.string(), nullable=True),
 )
+TEXT_COLUMN = "completion"
+"""The output column of each sample's text, unless a job names another (``ShardOptions``)."""
 SAMPLE_INDEX_FIELD = pa.field("sample_index", pa.int32(), nullable=False)
 RESERVED_COLUMNS = frozenset(f.name for f in (*BASE_FIELDS, SAMPLE_INDEX_FIELD))
 VALIDATION_FIELDS: tuple[pa.Field, ...] = (
@@ -57,15 +59,22 @@ VALIDATION_FIELDS: tuple[pa.Field, ...] = (
 
 
 def output_schema(with_sample_index: bool, kept: Sequence[pa.Field] = (),
-                  validated: bool = False) -> pa.Schema:
+                  validated: bool = False, text_column: str = TEXT_COLUMN) -> pa.Schema:
     """The schema of every output file of a job.
 
     Args:
       with_sample_index: Include ``sample_index`` (jobs with more than one sample per row).
       kept: Input columns copied through, in order.
       validated: Include ``VALIDATION_FIELDS`` (``ShardOptions.validation`` is set).
+      text_column: The name of the samples' text column (``TEXT_COLUMN``'s place).
+
+    Raises:
+      ValueError: ``text_column`` is the name of another output column.
     """
-    fields = list(BASE_FIELDS)
+    fields = [f.with_name(text_column) if f.name == TEXT_COLUMN else f for f in BASE_FIELDS]
+    names = [f.name for f in (*fields, SAMPLE_INDEX_FIELD, *VALIDATION_FIELDS, *kept)]
+    if text_column != TEXT_COLUMN and names.count(text_column) > 1:
+        raise ValueError(f"the output's text column {text_column!r} is another column's name")
     if with_sample_index:
         fields.append(SAMPLE_INDEX_FIELD)
     if validated:

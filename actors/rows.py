@@ -285,10 +285,11 @@ def _table(
     options: shards.ShardOptions,
 ) -> pa.Table:
     kept = [table.schema.field(c) for c in options.keep_columns if c in table.column_names]
-    schema = output.output_schema(options.with_sample_index, kept)
+    schema = output.output_schema(options.with_sample_index, kept,
+                                  text_column=options.text_column)
     columns: dict[str, Any] = {
         "id": [prepared.ids[r] for r in rows],
-        "completion": [c.text if c.finish_reason != "error" else "" for c in done],
+        options.text_column: [c.text if c.finish_reason != "error" else "" for c in done],
         "completion_tokens": [list(c.tokens) for c in done],
         "finish_reason": [c.finish_reason for c in done],
         "num_prompt_tokens": [int(c.num_prompt_tokens) for c in done],

@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from griffin_batch.actors import columns, validation
+from griffin_batch.actors import columns, output, validation
 from griffin_batch.model import requests
 
 
@@ -81,6 +81,8 @@ class ShardOptions:
       validation: Check each finished sample and draw rejected ones again with new
         seeds before the shard's file is written; its rows then record their seed,
         attempts and validity (``actors.validation``). None: no check.
+      text_column: The output column of each sample's text (``summary`` for
+        ``summarize``).
     """
 
     prompt_column: str = "prompt"
@@ -95,6 +97,7 @@ class ShardOptions:
     checkpoint_every_s: float | None = None
     error_column: str | None = None
     validation: validation.Validation | None = None
+    text_column: str = output.TEXT_COLUMN
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -123,13 +123,14 @@ def write_output(ids: Sequence[str], samples_per_row: Sequence[int], samples: pa
                 kept = [window.schema.field(c) for c in options.keep_columns
                         if c in window.column_names]
                 schema = output.output_schema(options.with_sample_index, kept,
-                                              validated=options.validation is not None)
+                                              validated=options.validation is not None,
+                                              text_column=options.text_column)
                 writer = pq.ParquetWriter(path, schema, compression="zstd")
             keys = [(r, i) for r in range(first, first + window.num_rows)
                     for i in range(samples_per_row[r])]
             part = samples.take(pa.array([position[k] for k in keys], pa.int64()))
             group = _group(ids, part, [r for r, _ in keys], first, window, schema,
-                           {f.name for f in kept})
+                           {f.name for f in kept}, options.text_column)
             writer.write_table(group)
             first += window.num_rows
             totals[0] += group.num_rows
@@ -137,7 +138,8 @@ def write_output(ids: Sequence[str], samples_per_row: Sequence[int], samples: pa
             totals[2] += int(pc.sum(group["num_prompt_tokens"]).as_py() or 0)
             totals[3] += int(pc.sum(group["num_completion_tokens"]).as_py() or 0)
         if writer is None:  # no rows at all
-            pq.write_table(output.output_schema(options.with_sample_index).empty_table(), path)
+            pq.write_table(output.output_schema(
+                options.with_sample_index, text_column=options.text_column).empty_table(), path)
     finally:
         if writer is not None:
             writer.close()
@@ -155,11 +157,12 @@ def row_windows(num_rows: int, window_rows: int | None = None) -> Iterator[pa.Ta
 
 
 def _group(ids: Sequence[str], part: pa.Table, row_numbers: list[int], first: int,
-           window: pa.Table, schema: pa.Schema, kept: set[str]) -> pa.Table:
+           window: pa.Table, schema: pa.Schema, kept: set[str], text_column: str
+           ) -> pa.Table:
     is_error = pc.equal(part["finish_reason"], "error")
     columns = {
         "id": pa.array([ids[r] for r in row_numbers], pa.string()),
-        "completion": pc.if_else(is_error, "", part["text"]),
+        text_column: pc.if_else(is_error, "", part["text"]),
         "completion_tokens": part["tokens"],
         "finish_reason": part["finish_reason"],
         "num_prompt_tokens": part["num_prompt_tokens"],

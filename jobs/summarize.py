@@ -6,7 +6,7 @@
         --checkpoint gs://bucket/recurrentgemma-2b-it --tokenizer gs://bucket/tokenizer.model --chat
 
 Output: ``part-<shard>.parquet`` files as ``generate`` writes them, one row per
-document: ``id``, ``completion`` (the summary), ``document_tokens``, the usual
+document: ``id``, ``summary``, ``document_tokens``, the usual
 token counts, ``finish_reason`` and ``error``, and ``sections`` (the section
 summaries) with ``--keep-sections``. The model, sampling, cluster and
 existing-output options are ``generate``'s; the exit status too.

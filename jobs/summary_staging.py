@@ -22,7 +22,7 @@ identically on a resume, from the same inputs or the same committed parts.
 Rows in every staged file: ``id``, ``prompt``, and ``request_error`` (a row
 rejected before the engine: an unreadable document, a failed section). The
 final rows keep ``document_tokens`` (and ``sections``, the level-1 summaries,
-with ``--keep-sections``) to the output.
+with ``--keep-sections``) to the output, whose text column is ``summary``.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ Say = Callable[[str], None]
 
 ID, PROMPT, ERROR = "id", "prompt", "request_error"
 DOCUMENT, DOCUMENT_TOKENS, SECTIONS = "document", "document_tokens", "sections"
+SUMMARY = "summary"
+"""The job's output column of each document's summary (the stages before write ``completion``)."""
 DOCUMENTS_FILE, SECTIONS_FILE, REDUCE_FILE, FINAL_FILE = (
     "documents.parquet", "sections.parquet", "summaries.parquet", "final.parquet")
 
@@ -157,6 +159,7 @@ class _Stage:
     """What every stage shares as a ``driver.Variant``: a scratch directory, error rows, fingerprint."""
 
     name = ""
+    text_column = output.TEXT_COLUMN
 
     def __init__(self, options: Mapping[str, Any]):
         self.options = dict(options)
@@ -178,11 +181,12 @@ class _Stage:
 
     def fingerprint(self) -> Mapping[str, Any]:
         """The summarize options and the stage: a ``--resume`` must keep them."""
-        return {"summarize": {**self.options, "stage": self.name}}
+        return {"summarize": {**self.options, "stage": self.name,
+                              "text_column": self.text_column}}
 
     def shard_options(self, options: shards.ShardOptions) -> shards.ShardOptions:
-        """Rows rejected at staging become error rows (``request_error``)."""
-        return dataclasses.replace(options, error_column=ERROR)
+        """Rows rejected at staging become error rows (``request_error``); texts go to ``text_column``."""
+        return dataclasses.replace(options, error_column=ERROR, text_column=self.text_column)
 
     def finish(self, out: manifest.OutputDir, plan: planner.JobPlan, say: Say
                ) -> Mapping[str, Any]:
@@ -201,6 +205,7 @@ class DocumentsStage(_Stage):
     """
 
     name = "documents"
+    text_column = SUMMARY
 
     def __init__(self, sources: Sequence[summary_inputs.Source], prompts: Prompts, tokenizer,
                  options: Mapping[str, Any]):
@@ -411,6 +416,7 @@ class FinalStage(_Stage):
     """
 
     name = "final"
+    text_column = SUMMARY
 
     def __init__(self, first: SectionsStage, levels: Sequence[str], prompts: Prompts,
                  keep_sections: bool, options: Mapping[str, Any]):

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from job_helpers import read_output
 
+from griffin_batch.actors import output
 from griffin_batch.jobs import (
     cli,
     manifest,
@@ -113,6 +114,16 @@ def test_options_are_checked_by_name():
             summ.validate(config)
 
 
+def test_the_output_text_column_is_named_by_the_job_and_may_not_take_another_columns_name():
+    assert output.output_schema(False).names[:2] == ["id", "completion"]
+    named = output.output_schema(False, [summary_staging.TOKENS_FIELD],
+                                 text_column=summary_staging.SUMMARY)
+    assert named.names[:2] == ["id", "summary"] and "completion" not in named.names
+    for taken in ("error", "document_tokens"):
+        with pytest.raises(ValueError, match=f"text column '{taken}'"):
+            output.output_schema(False, [summary_staging.TOKENS_FIELD], text_column=taken)
+
+
 def test_prompts_are_plain_or_one_chat_turn():
     plain = summary_staging.Prompts("Sum up.", chat=False)
     assert plain.summarize("Text.") == "Sum up.\n\nText.\n\nSummary:"
@@ -157,12 +168,15 @@ def test_single_mode_summarizes_a_64k_token_document_from_a_parquet_column(
     out = str(tmp_path / "out")
     argv = _argv([path], out, ray_address, "--text-column", "body", "--id-column", "doc_id")
     assert cli.main(argv) == 0, capsys.readouterr().err[-3000:]
-    rows = {r["id"]: r for r in read_output(out).to_pylist()}
+    table = read_output(out)
+    assert table.column_names[:2] == ["id", "summary"] and "completion" not in table.column_names
+    assert table.column_names[-1] == "document_tokens"
+    rows = {r["id"]: r for r in table.to_pylist()}
     assert list(rows) == ["long", "short", "missing"]
-    print("single:", {k: (r["document_tokens"], r["completion"]) for k, r in rows.items()})
+    print("single:", {k: (r["document_tokens"], r["summary"]) for k, r in rows.items()})
     assert rows["long"]["document_tokens"] == tokens
     assert rows["long"]["num_prompt_tokens"] > tokens  # BOS and the instruction too
-    assert rows["long"]["finish_reason"] in ("stop", "length") and rows["long"]["completion"]
+    assert rows["long"]["finish_reason"] in ("stop", "length") and rows["long"]["summary"]
     assert rows["short"]["finish_reason"] in ("stop", "length")
     assert rows["missing"]["finish_reason"] == "error"
     assert rows["missing"]["error"] == f"input {path} row 2: body is null"
@@ -194,10 +208,12 @@ def test_map_reduce_summarizes_sections_then_their_summaries_and_resumes(
         assert r["document_tokens"] == summary_sections.count_tokens(tok, text)
         assert len(r["sections"]) == len(summary_sections.split(text, 128, tok)) > 2
         assert r["finish_reason"] in ("stop", "length") and r["error"] is None
-        print(f"map-reduce {name}: sections {r['sections'][:2]} ... summary {r['completion']!r}")
+        print(f"map-reduce {name}: sections {r['sections'][:2]} ... summary {r['summary']!r}")
     assert rows["tiny.txt"]["sections"] == [] and rows["tiny.txt"]["finish_reason"] != "error"
     assert "broken.txt is not UTF-8 text" in rows["broken.txt"]["error"]
+    assert read_output(out).column_names[-3:] == ["error", "document_tokens", "sections"]
     level1 = read_output(f"{out}/{manifest.STAGES_DIR}/level-1")
+    assert "completion" in level1.column_names  # stages before the final one are generate's
     assert set(level1.column("document").to_pylist()) == {
         str(docs / "exceptions.txt"), str(docs / "generators.md")}
     assert sorted(p.name for p in pathlib.Path(out, manifest.STAGES_DIR).iterdir()) == ["level-1"]
