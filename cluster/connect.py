@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -10,7 +11,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ray
@@ -329,9 +330,39 @@ def log_dir() -> str:
         return "/tmp/ray/session_latest/logs"
 
 
+class _Held:
+    """State of ``held_open``: how deep, and whether a connection it kept open is owned."""
+
+    depth = 0
+    owned = False
+
+
+@contextlib.contextmanager
+def held_open() -> Iterator[None]:
+    """Keeps the cluster one driver run joined or started open for the next ones inside.
+
+    A job in stages (``summarize --mode map-reduce``) runs the driver once per stage:
+    without this, each run would start (and stop) a local Ray cluster of its own.
+    Inside, ``disconnect`` leaves an owned connection open, the next ``connect``
+    finds Ray initialised and joins it, and leaving shuts down what was kept.
+    """
+    _Held.depth += 1
+    try:
+        yield
+    finally:
+        _Held.depth -= 1
+        if _Held.depth == 0 and _Held.owned:
+            _Held.owned = False
+            if ray.is_initialized():
+                ray.shutdown()
+
+
 def disconnect(connection: Connection) -> None:
-    """Shuts down Ray if ``connect`` opened the connection."""
+    """Shuts down Ray if ``connect`` opened the connection (at the end of ``held_open``)."""
     if connection.owned and ray.is_initialized():
+        if _Held.depth:
+            _Held.owned = True
+            return
         ray.shutdown()
 
 

@@ -26,6 +26,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from griffin_batch.cluster import connect
 from griffin_batch.jobs import config as config_lib
 from griffin_batch.jobs import driver, manifest, stages, summary_inputs, summary_staging
 
@@ -111,6 +112,15 @@ def run(config: config_lib.JobConfig, summ: SummarizeConfig, *,
     # Prompts are rendered when staged; workers take them as they are.
     base = dataclasses.replace(config, model=dataclasses.replace(config.model, chat=False))
     runner = _Runner(base, say, on_cluster_lost)
+    with connect.held_open():  # one cluster for every stage, not one started per stage
+        return _run_stages(config, summ, runner, sources, prompts, tokenizer, options, say)
+
+
+def _run_stages(config: config_lib.JobConfig, summ: SummarizeConfig, runner: _Runner,
+                sources: list[summary_inputs.Source], prompts: summary_staging.Prompts,
+                tokenizer: Any, options: dict[str, Any],
+                say: driver.Say) -> driver.JobResult:
+    """The job's stages in turn; the last stage's result (see ``run``)."""
     if summ.mode == SINGLE:
         return runner.run(config.io.output,
                           summary_staging.DocumentsStage(sources, prompts, tokenizer, options))
