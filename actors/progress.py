@@ -5,7 +5,8 @@ While a shard runs, its worker writes checkpoints under
 this order:
 
 * ``<k>-<tag>.state.safetensors``: the fixed-size model state of every sample
-  still decoding (``model.snapshots``), O(slots) whatever the output length;
+  still decoding (``model.snapshots``), O(slots) whatever the prompt and
+  output lengths (a prompt is kept as its digest, checked against the row on resume);
 * ``<k>-<tag>.delta.safetensors``: what changed since checkpoint ``k - 1``
   (its ``parent``): each sample's new tokens, text and logprobs, and which
   samples finished. It names its state file with the file's sha256, so it is
@@ -474,8 +475,7 @@ class ResumePlan:
                     taken.add(c.sample_index)
                     tokens += len(c.tokens)
             for snap, so_far in self._decoding.pop(row, []):
-                if self._matches(request, snap.request.request_id, snap.sample_index,
-                                 snap.request):
+                if self._matches(request, snap.request.request_id, snap.sample_index, snap):
                     resumed.append((dataclasses.replace(snap, request=request), so_far))
                     taken.add(snap.sample_index)
                     tokens += len(so_far.tokens)
@@ -490,13 +490,26 @@ class ResumePlan:
 
     @staticmethod
     def _matches(request: requests.Request, stored_id: str, sample_index: int,
-                 stored: requests.Request | None = None) -> bool:
+                 stored: SlotSnapshot | None = None) -> bool:
         same = sample_index < request.params.n and (
-            stored is None or (stored.prompt, stored.params) == (request.prompt, request.params))
+            stored is None or (_same_prompt(stored, request.prompt)
+                               and stored.request.params == request.params))
         if not same:
             log.warning("progress: stored sample %s/%d does not match this shard's rows; "
                         "running it again", stored_id, sample_index)
         return same
+
+
+def _same_prompt(stored: SlotSnapshot, prompt: str | Sequence[int]) -> bool:
+    """Whether a stored sample was started from ``prompt``.
+
+    Stored states keep a digest of their prompt (hashing the row's prompt costs
+    one pass over its text, no tokenizer); states written before that keep
+    the prompt itself.
+    """
+    if stored.prompt_digest is not None:
+        return requests.prompt_digest(prompt) == stored.prompt_digest
+    return stored.request.prompt == prompt
 
 
 def resume_work(request_list: Sequence[requests.Request], restored: Restored,

@@ -7,6 +7,7 @@ Parquet rows, Ray ships them to workers, and workers return ``Completion``s.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -123,6 +124,21 @@ class Request:
     request_id: str
     prompt: str | Sequence[int]
     params: SamplingParams = SamplingParams()
+
+
+def prompt_digest(prompt: str | Sequence[int]) -> str:
+    """A short fingerprint of a prompt as given, cheap to recompute from an input row.
+
+    ``text:<SHA-256 hex of the UTF-8 text>`` for a text prompt,
+    ``ids:<SHA-256 hex of the ids in decimal, comma-separated>`` for token ids.
+    It hashes what the caller gave, not token ids after encoding, so checking
+    a row against a stored sample needs no tokenizer (the tokenizer is pinned
+    separately, by the snapshot's model fingerprint).
+    """
+    if isinstance(prompt, str):
+        return "text:" + hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()
+    ids = ",".join(str(int(t)) for t in prompt)
+    return "ids:" + hashlib.sha256(ids.encode("ascii")).hexdigest()
 
 
 class _NothingYet:

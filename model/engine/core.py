@@ -22,7 +22,13 @@ from griffin_batch.model.engine.messages import OutputChunk, SlotSnapshot
 from griffin_batch.model.engine.runner import ModelRunner, PrefillGroup
 from griffin_batch.model.engine.scheduler import SlotScheduler, pow2_at_least, ring_buckets
 from griffin_batch.model.engine_config import EngineConfig
-from griffin_batch.model.requests import Completion, Request, RequestError, SamplingParams
+from griffin_batch.model.requests import (
+    Completion,
+    Request,
+    RequestError,
+    SamplingParams,
+    prompt_digest,
+)
 
 # A computed chunk waiting in the outbox, with its request and sample (None
 # when the sample was rejected or restored already finished).
@@ -252,6 +258,13 @@ class Engine:
         if snap.cache is None:  # nothing left to compute, only chunks to hand out
             self._outbox.extend((snap.request, None, c) for c in snap.undelivered)
             return
+        if (snap.prompt_digest is not None
+                and prompt_digest(snap.request.prompt) != snap.prompt_digest):
+            # Stored state keeps only its prompt's digest: the caller hands the
+            # request back (its input row), and a state must never continue another prompt.
+            raise ValueError(f"snapshot of {snap.request.request_id!r} was taken for another "
+                             "prompt (its prompt digest differs); restore it with its own "
+                             "request")
         s = self._validate(snap.request, snap.sample_index)
         if len(s.prompt) != snap.prompt_len:
             raise ValueError(f"snapshot of {snap.request.request_id!r} was taken with another "

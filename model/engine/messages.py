@@ -53,6 +53,11 @@ class SlotSnapshot:
         not yet handed out when the snapshot was taken; resuming yields them first.
       pending: the sample had not started decoding (still prefilling, or
         pulled ahead but not admitted); resuming starts it from its prompt.
+      prompt_digest: set on a decoding sample read back from storage, which
+        keeps ``requests.prompt_digest`` of its prompt instead of the prompt
+        (whose text grows with the document while the state does not); its
+        ``request.prompt`` is then empty, and the request must be replaced by
+        the matching input row's before the sample is restored.
     """
 
     request: Request
@@ -64,3 +69,4 @@ class SlotSnapshot:
     text_state: dict | None
     undelivered: list[OutputChunk] = dataclasses.field(default_factory=list)
     pending: bool = False
+    prompt_digest: str | None = None
