@@ -20,8 +20,14 @@ children) at its end. Every program is compiled before timing starts.
   memory grows with length. It starts from BOS (no prompt); ``--transformer-tokens``
   can stop it earlier, because its late windows are slow.
 
+``--width`` and ``--window`` shrink the model (both sides alike) so that long
+outputs fit a short run on a CPU; ``--windows`` sets the window ends;
+``--plot PATH`` draws tokens/s against output length for both models as a PNG
+(figure 1a; needs the ``bench`` extra, matplotlib).
+
 Usage (from the repository root): python benchmarks/bench_long.py [--tokens 16384]
-    [--batch 8] [--transformer-tokens N] [--skip-transformer]
+    [--batch 8] [--transformer-tokens N] [--skip-transformer] [--width W] [--window N]
+    [--windows 256,512,...] [--plot docs/figure1a.png]
 """
 
 from __future__ import annotations
@@ -40,8 +46,18 @@ WINDOW_ENDS = (1024, 2048, 4096, 8192, 16384)
 DECODE_STEPS = 32
 
 
-def window_ends(tokens: int) -> list[int]:
-    return [e for e in WINDOW_ENDS if e < tokens] + [tokens]
+def window_ends(tokens: int, ends: tuple[int, ...] = WINDOW_ENDS) -> list[int]:
+    return [e for e in ends if e < tokens] + [tokens]
+
+
+def model_config(args):
+    """The reference workload, narrowed by ``--width`` and ``--window`` when given."""
+    overrides = {}
+    if args.width:
+        overrides.update(width=args.width, mlp_expanded_width=3 * args.width, lru_width=args.width)
+    if args.window:
+        overrides.update(attention_window_size=args.window)
+    return common.workload_config(**overrides)
 
 
 class WindowClock:
@@ -76,12 +92,12 @@ class WindowClock:
 
 
 def child_griffin(args) -> dict:
-    config = common.workload_config()
+    config = model_config(args)
     params = common.workload_params(config)
     engine = common.make_engine(config, params, num_slots=args.batch, decode_steps=DECODE_STEPS)
     common.warm_up_engine(engine, max_position=args.prompt + args.tokens, prompt_len=args.prompt)
     prompts = common.token_prompts(args.batch, args.prompt, config.vocab_size, seed=1)
-    clock = WindowClock(window_ends(args.tokens), args.batch)
+    clock = WindowClock(window_ends(args.tokens, args.windows), args.batch)
     generated = 0
     for chunk in engine.stream(common.requests(prompts, args.tokens)):
         if chunk.request_id == "0":
@@ -89,17 +105,20 @@ def child_griffin(args) -> dict:
             clock.update(generated)
     return {
         "decode_steps": DECODE_STEPS,
+        "params": common.param_count(params),
         **clock.summary(),
         "state_mb": griffin.cache_bytes(engine.cache) / 2**20,
     }
 
 
 def child_transformer(args) -> dict:
-    config = common.workload_config()
+    config = model_config(args)
     lm = common.GlobalAttentionLM(config, args.batch, steps=DECODE_STEPS)
     lm.compile_up_to(args.tokens)
+    lm.decode([common.BOS] * args.batch)  # untimed: the first call's one-off costs
+    lm.restart()
     tokens = [common.BOS] * args.batch
-    clock = WindowClock(window_ends(args.tokens), args.batch)
+    clock = WindowClock(window_ends(args.tokens, args.windows), args.batch)
     while lm.position < args.tokens:
         tokens = lm.decode(tokens)[:, -1]
         clock.update(lm.position)
@@ -118,6 +137,11 @@ def main():
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--transformer-tokens", type=int, default=None)
     parser.add_argument("--skip-transformer", action="store_true")
+    parser.add_argument("--width", type=int, help="model width (default: the workload's 512)")
+    parser.add_argument("--window", type=int, help="attention window (default: 2048)")
+    parser.add_argument("--windows", type=_ends, default=WINDOW_ENDS,
+                        help="comma-separated window ends, in generated tokens per sequence")
+    parser.add_argument("--plot", help="write figure 1a (tokens/s against length) to this PNG")
     parser.add_argument("--child", choices=("griffin", "transformer"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -125,8 +149,17 @@ def main():
         common.emit(run(args))
         return
 
-    base = [f"--batch={args.batch}", f"--prompt={args.prompt}"]
-    result = {"bench": "long", "batch": args.batch, "tokens": args.tokens, **common.environment()}
+    base = [f"--batch={args.batch}", f"--prompt={args.prompt}",
+            f"--windows={','.join(map(str, args.windows))}"]
+    base += [f"--width={args.width}"] if args.width else []
+    base += [f"--window={args.window}"] if args.window else []
+    config = model_config(args)
+    result = {"bench": "long", "batch": args.batch, "tokens": args.tokens,
+              "window_ends": window_ends(args.tokens, args.windows),
+              "config": {"width": config.width, "blocks": len(config.block_types),
+                         "window": config.attention_window_size, "vocab": config.vocab_size,
+                         "heads": config.num_heads},
+              **common.environment()}
     common.log("griffin ...")
     result["griffin"] = common.run_child(
         __file__, base + ["--child=griffin", f"--tokens={args.tokens}"]
@@ -137,7 +170,47 @@ def main():
         result["transformer"] = common.run_child(
             __file__, base + ["--child=transformer", f"--tokens={tokens}"]
         )
+    if args.plot:
+        result["plot"] = args.plot
+        plot(result, args.plot)
     common.emit(result)
+
+
+def _ends(text: str) -> tuple[int, ...]:
+    return tuple(sorted(int(x) for x in text.split(",")))
+
+
+def plot(result: dict, path: str) -> None:
+    """Figure 1a: each model's tokens/s in each window, against generated tokens per sequence."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    c = result["config"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    for key, label, style in (("griffin", f"Griffin, our engine (window {c['window']})", "o-"),
+                              ("transformer", "global-attention transformer (KV cache)", "s--")):
+        if key in result:
+            windows = result[key]["windows"]
+            ax.plot([w["end"] for w in windows], [w["tokens_per_s"] for w in windows], style,
+                    label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(result["window_ends"], [str(e) for e in result["window_ends"]])
+    ax.minorticks_off()
+    ax.set_xlabel("generated tokens per sequence (end of window)")
+    ax.set_ylabel("tokens/s in the window (all sequences)")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(f"Decode throughput against output length (figure 1a)\nwidth {c['width']}, "
+                 f"{c['blocks']} blocks, {c['heads']} heads, vocab {c['vocab']}, "
+                 f"batch {result['batch']}, {result['backend']}, {result['cpus']} cores",
+                 fontsize=10)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

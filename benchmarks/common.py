@@ -340,6 +340,14 @@ class GlobalAttentionLM:
         self.position += self.steps
         return np.asarray(out)
 
+    def restart(self) -> None:
+        """Starts new sequences at position 0 (after an untimed warm-up call, say).
+
+        The cache keeps its capacity; entries beyond the position are masked
+        and each is overwritten before it is attended to.
+        """
+        self.position = 0
+
     def compile_up_to(self, length: int) -> None:
         """Compiles decode for every cache capacity up to ``length``, allocating nothing."""
         capacity = self.cache.shape[3]

@@ -74,3 +74,19 @@ def test_tree_import_makes_the_package_importable_without_an_install():
                           timeout=60, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout
     assert proc.stdout.startswith("ok")
+
+
+def test_figure1a_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="the optional `bench` extra draws figures")
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_long
+
+    def windows(speeds):
+        return {"windows": [{"end": e, "tokens_per_s": s} for e, s in zip((256, 512), speeds, strict=True)]}
+
+    result = {"batch": 8, "backend": "cpu", "cpus": 2, "window_ends": [256, 512],
+              "config": {"width": 128, "blocks": 6, "heads": 4, "vocab": 8000, "window": 256},
+              "griffin": windows((900.0, 910.0)), "transformer": windows((800.0, 400.0))}
+    path = tmp_path / "figure.png"
+    bench_long.plot(result, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
