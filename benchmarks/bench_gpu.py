@@ -19,8 +19,8 @@ written once as a Hugging Face checkpoint by our writer, so both sides run
 the same weights. ``--batch`` prompts of 2048 random tokens, 1024 greedy new
 tokens each, never stopping early. tokens/s is batch x new tokens over the
 wall time of one timed run, prefill included, after an untimed run of the
-same prompts with 2 x decode_steps new tokens (our engine compiles there;
-transformers warms its kernels on a short run).
+same prompts with a few new tokens (2 x decode_steps for our engine, which
+compiles there; 2 for transformers, which warms its kernels and allocator).
 
 ``tokens_per_s_by_output_length``: one run of ``--sweep-batch`` prompts
 generating 8192 tokens each on the engine of that batch; for each length L
@@ -194,12 +194,16 @@ def child_engine(w: Workload, workdir: str, deadline: float) -> None:
         if deadline - time.time() < w.min_phase_s:
             emit_line({"phase": "engine", "batch": batch, "skipped": "time budget"})
             continue
-        engines[batch] = engine = common.make_engine(
-            config, params, num_slots=batch, prefill_batch=batch,
-            decode_steps=w.decode_steps, chunk_size=w.chunk_size)
-        emit_line(_engine_run(w, engine, batch))
+        try:
+            engines[batch] = engine = common.make_engine(
+                config, params, num_slots=batch, prefill_batch=batch,
+                decode_steps=w.decode_steps, chunk_size=w.chunk_size)
+            emit_line(_engine_run(w, engine, batch))
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: the other batches still run
+            emit_line({"phase": "engine", "batch": batch, "error": _failure(e)})
+            engines.pop(batch, None)
         if batch != w.sweep_batch:
-            del engines[batch]  # frees its state for the next engine
+            engines.pop(batch, None)  # frees its state for the next engine
     if w.sweep_batch not in engines or deadline - time.time() < w.min_phase_s:
         emit_line({"phase": "sweep", "batch": w.sweep_batch, "skipped": "time budget"})
         return
@@ -220,19 +224,24 @@ def child_hf(w: Workload, workdir: str, deadline: float) -> None:
     model = model.to(device=device, dtype=torch.bfloat16).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     for batch in sorted(w.batches, reverse=True):
-        left = deadline - time.time()
-        if left < w.min_phase_s:
+        if deadline - time.time() < w.min_phase_s:
             emit_line({"phase": "hf", "batch": batch, "skipped": "time budget"})
             continue
         prompts = common.token_prompts(batch, w.prompt_tokens, model.config.vocab_size,
                                        seed=batch)
-        common.hf_generate(model, prompts, 2)  # warm-up: kernels, allocator, as the engine's
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        max_time = max(1.0, deadline - time.time())
-        out, seconds = common.timed(
-            lambda p=prompts, t=max_time: common.hf_generate(model, p, w.new_tokens, t))
+        try:
+            common.hf_generate(model, prompts, 2)  # warm-up: kernels, allocator, as the engine's
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            max_time = max(1.0, deadline - time.time())
+            out, seconds = common.timed(
+                lambda p=prompts, t=max_time: common.hf_generate(model, p, w.new_tokens, t))
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: the other batches still run
+            emit_line({"phase": "hf", "batch": batch, "error": _failure(e)})
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            continue
         record = {"phase": "hf", "batch": batch, "seconds": seconds,
                   "new_tokens": int(out.shape[1]), "truncated": out.shape[1] < w.new_tokens,
                   "tokens_per_s": batch * out.shape[1] / seconds,
@@ -243,6 +252,10 @@ def child_hf(w: Workload, workdir: str, deadline: float) -> None:
             record.update(device_bytes_in_use=peak,
                           hf_peak_bytes_per_slot=(peak - weight_bytes) // batch)
         emit_line(record)
+
+
+def _failure(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e)[:300]}"
 
 
 # The parent: preflight, phases under deadlines, one JSON line ---------------
@@ -307,7 +320,8 @@ def summarize(w: Workload, lines: list[dict[str, Any]], missing: list[str]) -> d
         "targets": {"vs_hf_at_largest_batch_at_least_3": vs_hf[top] >= 3 if top in vs_hf
                     else None,
                     "flat_2k_8k_within_10pct": flat >= 0.9 if flat is not None else None},
-        "skipped": {f"{x['phase']}:{x.get('batch', '')}": x.get("skipped") or x.get("error")
+        "skipped": {x["phase"] + (f":{x['batch']}" if "batch" in x else ""):
+                    x.get("skipped") or x.get("error")
                     for x in lines if "skipped" in x or "error" in x},
         "missing_modules": missing,
         "torch": next((x["torch"] for x in lines if "torch" in x), None),
@@ -349,6 +363,9 @@ def main_parent(w: Workload, budget_s: float, keep: str | None) -> int:
         for name, phase_deadline in (("prepare", engine_deadline), ("engine", engine_deadline),
                                      ("hf", deadline)):
             print(f"[{name}] {time.time() - start:.0f} s in", file=sys.stderr, flush=True)
+            if phase_deadline - time.time() < max(w.min_phase_s, 1.0):
+                lines.append({"phase": name, "skipped": "time budget"})
+                continue
             began = time.time()
             lines += run_phase(name, w, workdir, phase_deadline)
             phase_s[name] = round(time.time() - began, 1)
