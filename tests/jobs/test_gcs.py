@@ -51,3 +51,30 @@ def test_job_reads_and_writes_gcs(gcs_server, bucket, write_parquet, prompts, jo
     ]
     summary = json.loads(fs.cat_file(f"{out}/{manifest.SUMMARY_FILE}"))
     assert summary["rows"] == 8 and summary["status"] == "completed"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_openai_batch_file_in_and_out_on_gcs(gcs_server, bucket, ray_address, capsys):
+    """The README's OpenAI batch example from ``gs://``, its records back to ``gs://``."""
+    import pathlib
+
+    from griffin_batch.jobs import generate
+
+    example = pathlib.Path(__file__).resolve().parents[2] / "examples" / "openai_batch"
+    lines = (example / "requests.jsonl").read_text().splitlines()
+    fs = gcs_server.fs()
+    fs.pipe_file(f"{bucket}/batches/requests.jsonl", "\n".join(lines).encode() + b"\n")
+    out = f"{bucket}/completions/batch-1"
+    argv = ["--input", f"{bucket}/batches/requests.jsonl", "--output", out, "--address",
+            ray_address, "--workers", "1", "--accelerator", "cpu", "--slots", "4",
+            "--decode-steps", "8", "--max-tokens", "4", "--input-format", "openai-batch",
+            "--output-format", "openai-batch"]
+    assert generate.main(argv) == 0, capsys.readouterr().err[-3000:]
+    fs.invalidate_cache()
+    records = [json.loads(t) for t in fs.cat_file(f"{out}/{manifest.BATCH_OUTPUT_FILE}")
+               .decode().splitlines()]
+    print("output.jsonl on gs://:", json.dumps(records[0])[:300])
+    assert [r["custom_id"] for r in records] == [json.loads(t)["custom_id"] for t in lines]
+    assert all(r["error"] is None and r["response"]["status_code"] == 200 for r in records)
+    assert fs.cat_file(f"{out}/{manifest.BATCH_ERRORS_FILE}") == b""
