@@ -31,7 +31,7 @@ class ResidualBlock(nn.Module):
     scan_implementation: str | None = None
 
     @nn.compact
-    def __call__(self, x, positions, cache, ring_limit=None):
+    def __call__(self, x, positions, cache, ring_limit=None, row_rings=None):
         cfg = self.config
         h = layers.RMSNorm(cfg.width, name="temporal_pre_norm")(x)
         if self.block_type == RECURRENT:
@@ -41,7 +41,7 @@ class ResidualBlock(nn.Module):
         else:
             h, cache = layers.LocalAttentionBlock(
                 cfg.width, cfg.num_heads, cfg.attention_window_size, name="attention_block")(
-                h, positions, cache, ring_limit)
+                h, positions, cache, ring_limit, row_rings)
         residual = h + x
         h = layers.RMSNorm(cfg.width, name="channel_pre_norm")(residual)
         h = layers.MLPBlock(cfg.width, cfg.mlp_expanded_width, name="mlp_block")(h)
@@ -92,6 +92,7 @@ class Griffin(nn.Module):
         *,
         return_logits: bool = True,
         ring_limit: int | None = None,
+        row_rings: tuple[int, ...] | None = None,
         logits_at: jax.Array | None = None,
     ) -> tuple[at.Logits | None, Cache]:
         """Runs ``tokens`` [b, t] at ``positions`` [b, t] (-1 = padding) from ``cache``.
@@ -99,6 +100,7 @@ class Griffin(nn.Module):
         ``logits_at`` [b] (optional) picks one time index per row: logits are
         then computed there only, [b, 1, v], which is all prefill needs and
         spares the vocabulary projection of every other prompt token.
+        ``ring_limit`` and ``row_rings``: see ``layers.LocalAttentionBlock``.
 
         Returns:
           Soft-capped logits [b, t, v] in the compute dtype (None unless
@@ -110,7 +112,8 @@ class Griffin(nn.Module):
             x = x * jnp.asarray(self.config.embedding_scale, x.dtype)
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x, block_cache = block(x, positions, None if cache is None else cache[i], ring_limit)
+            x, block_cache = block(x, positions, None if cache is None else cache[i], ring_limit,
+                                   row_rings)
             new_cache.append(block_cache)
         if not return_logits:
             return None, tuple(new_cache)
@@ -177,6 +180,7 @@ def apply(
     *,
     return_logits: bool = True,
     ring_limit: int | None = None,
+    row_rings: tuple[int, ...] | None = None,
     scan_implementation: str | None = None,
     hoisted: dict | None = None,
     logits_at: jax.Array | None = None,
@@ -187,7 +191,8 @@ def apply(
         variables[layers.HOISTED] = hoisted
     return Griffin(config, scan_implementation).apply(
         variables, tokens, positions, cache,
-        return_logits=return_logits, ring_limit=ring_limit, logits_at=logits_at)
+        return_logits=return_logits, ring_limit=ring_limit, row_rings=row_rings,
+        logits_at=logits_at)
 
 
 def param_dtype(params: at.Params):

@@ -233,6 +233,57 @@ def write_ring(ring: jax.Array, new: jax.Array, positions: at.Positions) -> jax.
     return ring.at[rows, slot].set(new.astype(ring.dtype), mode="drop")
 
 
+def _scores(q, q_pos, keys, k_pos, window: int) -> jax.Array:
+    """Masked attention logits [b, n, t, s] of queries q [b, t, n, h] at ``q_pos`` [b, t]
+    against keys [b, s, h] at ``k_pos`` [b, s] (-1: empty)."""
+    q_pos, k_pos = q_pos[:, None, :, None], k_pos[:, None, None, :]
+    mask = (k_pos >= 0) & (q_pos >= k_pos) & (q_pos - k_pos <= window)
+    logits = jnp.einsum("btnh,bsh->bnts", q, keys.astype(q.dtype)) * q.shape[-1] ** -0.5
+    return jnp.where(mask, logits, _MIN_LOGITS_VALUE).astype(jnp.float32)
+
+
+def _decode_attention(q, positions, keys, values, num_tokens, *, limit: int, window: int,
+                      dtype):
+    """One query per row [b, 1, n, h] over the first ``limit`` slots of its ring [b, s, h].
+
+    ``dtype``: of the probabilities, values and output (the block's activations).
+    """
+    ring_pos = ring_positions(num_tokens, window + 1)[:, :limit]
+    probs = jax.nn.softmax(_scores(q, positions, keys[:, :limit], ring_pos, window), -1)
+    return jnp.einsum("bnts,bsh->btnh", probs.astype(dtype), values[:, :limit].astype(dtype))
+
+
+def _decode_attention_per_row(q, positions, keys, values, num_tokens, *,
+                              rings: tuple[int, ...], window: int, dtype):
+    """``_decode_attention`` with each row's own ring length: the shortest of
+    ``rings`` that holds the row's filled slots (slots fill from 0 until the
+    ring wraps, so a row with n tokens needs the first min(n, s) slots).
+
+    Rows go one at a time (``lax.map``) and ``lax.switch`` runs only the
+    chosen length's branch: a batched select would pay for every branch. A
+    row's matrix-vector products are as efficient alone as batched, since no
+    two rows share keys. Each branch slices its row's first slots out of the
+    whole ring itself: mapping over the ring's rows would copy every row's
+    whole ring into the loop first.
+    """
+    # An inactive row (position -1) attends to nothing anyone reads: the shortest.
+    need = jnp.where(positions[:, 0] >= 0, jnp.minimum(num_tokens, window + 1), 0)
+    pick = jnp.minimum(jnp.searchsorted(jnp.asarray(rings, jnp.int32), need), len(rings) - 1)
+
+    def branch(limit):
+        def attend(r):
+            one = [jax.lax.dynamic_slice_in_dim(a, r, 1) for a in (q, positions, num_tokens)]
+            ring = [jax.lax.dynamic_slice(a, (r, 0, 0), (1, limit, a.shape[2]))
+                    for a in (keys, values)]
+            return _decode_attention(*one[:2], *ring, one[2], limit=limit, window=window,
+                                     dtype=dtype)[0]
+        return attend
+
+    branches = [branch(r) for r in rings]
+    rows = jnp.arange(q.shape[0])
+    return jax.lax.map(lambda r: jax.lax.switch(pick[r], branches, r), rows)
+
+
 class LocalAttentionBlock(nn.Module):
     """Local multi-query attention over a sliding window, with RoPE."""
 
@@ -243,7 +294,7 @@ class LocalAttentionBlock(nn.Module):
     @nn.compact
     def __call__(
         self, x: at.Activations, positions: at.Positions, cache: AttentionCache | None,
-        ring_limit: int | None = None,
+        ring_limit: int | None = None, row_rings: tuple[int, ...] | None = None,
     ) -> tuple[at.Activations, AttentionCache]:
         """Attends each token to itself and the ``window_size`` tokens before it.
 
@@ -254,6 +305,10 @@ class LocalAttentionBlock(nn.Module):
           ring_limit: attend only to the first ``ring_limit`` ring slots. Valid
             when every row's positions stay below it; it lets decode skip the
             empty part of the window instead of paying for it.
+          row_rings: decode only (t == 1): ascending ring lengths, the last one
+            ``ring_limit`` (or the whole ring). Each row then attends to the
+            shortest of them that holds its filled slots, chosen per row on
+            device, so a row never pays for a longer row's ring.
         """
         batch, t, _ = x.shape
         head_dim = self.width // self.num_heads
@@ -274,28 +329,25 @@ class LocalAttentionBlock(nn.Module):
             num_tokens=num_tokens + _num_valid(positions),
         )
         limit = ring_limit or ring_len
-        q_pos = positions[:, None, :, None]  # [b, 1, t, 1]
-
-        def scores(keys, k_pos):  # keys [b, s, h], k_pos [b, s] -> [b, n, t, s]
-            k_pos = k_pos[:, None, None, :]
-            mask = (k_pos >= 0) & (q_pos >= k_pos) & (q_pos - k_pos <= self.window_size)
-            logits = jnp.einsum("btnh,bsh->bnts", q, keys.astype(q.dtype)) * head_dim**-0.5
-            return jnp.where(mask, logits, _MIN_LOGITS_VALUE).astype(jnp.float32)
+        window = self.window_size
 
         if t == 1:
             # Decode: write first, then attend over the ring alone. The ring has
             # window + 1 slots so the new key overwrites nothing still needed,
             # and XLA updates it in place instead of copying it every step.
-            ring_pos = ring_positions(new_cache.num_tokens, ring_len)[:, :limit]
-            probs = jax.nn.softmax(scores(new_cache.keys[:, :limit], ring_pos), -1)
-            encoded = jnp.einsum("bnts,bsh->btnh", probs.astype(x.dtype),
-                                 new_cache.values[:, :limit].astype(x.dtype))
+            ring = (q, positions, new_cache.keys, new_cache.values, new_cache.num_tokens)
+            if row_rings:
+                encoded = _decode_attention_per_row(*ring, rings=row_rings, window=window,
+                                                    dtype=x.dtype)
+            else:
+                encoded = _decode_attention(*ring, limit=limit, window=window, dtype=x.dtype)
         else:
             # Prefill chunk: earlier ring entries and the chunk's own keys are
             # scored separately (a concatenation would copy the ring).
             ring_pos = ring_positions(num_tokens, ring_len)[:, :limit]
             logits = jnp.concatenate(
-                [scores(full_k[:, :limit], ring_pos), scores(k, positions)], axis=-1)
+                [_scores(q, positions, full_k[:, :limit], ring_pos, window),
+                 _scores(q, positions, k, positions, window)], axis=-1)
             probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
             encoded = (jnp.einsum("bnts,bsh->btnh", probs[..., :limit],
                                   full_v[:, :limit].astype(x.dtype))

@@ -34,19 +34,22 @@ MIN_GROUP = 2  # smallest prefill group (see PrefillGroup)
 
 # Compiled device functions --------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("config", "steps", "ring_limit", "scan"),
+@functools.partial(jax.jit,
+                   static_argnames=("config", "steps", "ring_limit", "row_rings", "scan"),
                    donate_argnames=("cache",))
 def _decode(config, params, hoisted, cache, last_tokens, positions, token_index, rows, *,
-            steps, ring_limit, scan):
+            steps, ring_limit, row_rings, scan):
     """``steps`` decode steps for every slot; inactive slots have position -1.
 
     ``hoisted``: ``griffin.hoist(params)`` or {} (see ``ModelRunner.__init__``).
+    ``row_rings``: per-slot ring lengths (``DecodePlan.row_rings``) or None.
     """
 
     def step(carry, _):
         cache, tokens, pos, idx = carry
         logits, cache = griffin.apply(config, params, tokens[:, None], pos[:, None], cache,
-                                      ring_limit=ring_limit, scan_implementation=scan,
+                                      ring_limit=ring_limit, row_rings=row_rings,
+                                      scan_implementation=scan,
                                       hoisted=hoisted)
         nxt, logprob = sample_tokens(logits[:, 0], rows, idx)
         pos = jnp.where(pos >= 0, pos + 1, -1)
@@ -206,6 +209,11 @@ class ModelRunner:
         # fuse the slices into the matmuls and need nothing.
         on_cpu = self.mesh.devices.flat[0].platform == "cpu"
         self._hoisted = jax.jit(griffin.hoist)(self.params) if on_cpu else {}
+        # On CPU each slot attends over its own ring length (a loop over slots
+        # with a branch per length). On GPU/TPU a loop over slots would run
+        # one small kernel per slot; there decode keeps the batch's ring
+        # bucket until a per-row attention kernel exists.
+        self._per_row_rings = on_cpu
         self.cache = jax.device_put(griffin.init_cache(config, ec.num_slots, self.dtype),
                                     self._by_slot)
 
@@ -238,7 +246,9 @@ class ModelRunner:
         cache, tokens, logprobs = _decode(
             self.config, self.params, self._hoisted, self.cache, plan.last_tokens,
             plan.positions, plan.token_index, _row_params(plan.samples),
-            steps=ec.decode_steps, ring_limit=plan.ring_limit, scan=ec.scan_implementation)
+            steps=ec.decode_steps, ring_limit=plan.ring_limit,
+            row_rings=plan.row_rings if self._per_row_rings else None,
+            scan=ec.scan_implementation)
         self.cache = self._on_slots(cache)
         return np.asarray(tokens), np.asarray(logprobs)
 

@@ -71,6 +71,8 @@ class DecodePlan:
       positions: per slot, that token's position (-1 when inactive).
       token_index: per slot, tokens generated so far (seeds each step's sampling).
       ring_limit: attention-ring length to compile for (None: the whole window).
+      row_rings: the ring buckets up to ``ring_limit`` (the whole ring for
+        None), from which each slot's own ring length is picked on device.
     """
 
     samples: list[SampleState | None]
@@ -78,6 +80,7 @@ class DecodePlan:
     positions: np.ndarray
     token_index: np.ndarray
     ring_limit: int | None
+    row_rings: tuple[int, ...]
 
 
 class SlotScheduler:
@@ -136,12 +139,15 @@ class SlotScheduler:
         live = [s if isinstance(s, SampleState) else None for s in self.slots]
         if not any(live):
             return None
+        limit = self.ring_limit(steps)
+        top = limit or self._window + 1
         return DecodePlan(
             samples=live,
             last_tokens=np.array([s.last_token if s else 0 for s in live], np.int32),
             positions=np.array([s.position if s else -1 for s in live], np.int32),
             token_index=np.array([s.generated if s else 0 for s in live], np.int32),
-            ring_limit=self.ring_limit(steps))
+            ring_limit=limit,
+            row_rings=tuple(b for b in self._rings if b < top) + (top,))
 
     def ring_limit(self, steps: int) -> int | None:
         """The smallest ring bucket past every decoding slot's position after ``steps``.

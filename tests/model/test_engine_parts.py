@@ -232,8 +232,10 @@ def test_decode_plan_and_ring_limit_follow_the_furthest_slot():
     assert plan.positions.tolist() == [6, -1, 21]
     assert plan.token_index.tolist() == [5, 0, 20]
     assert plan.ring_limit == 32  # 21 + 4 fits under 32
+    assert plan.row_rings == (16, 24, 32)  # each slot picks its own on device
     slots.occupy(2, state(generated=95))  # past the last bucket below the window
     assert slots.ring_limit(4) is None
+    assert slots.plan_decode(4).row_rings == (16, 24, 32, 48, 64, 96, 101)  # the whole ring
     slots.release(0)
     slots.release(2)
     assert slots.free() == [0, 1, 2] and not slots.busy()
