@@ -31,6 +31,7 @@ from griffin_batch.jobs import (
     planner,
     progress,
     scheduler,
+    staging,
 )
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class Variant(Protocol):
     """
 
     def stage(self, config: config_lib.JobConfig, say: Say
-              ) -> tuple[config_lib.JobConfig, planner.JobPlan, openai_staging.Staged]: ...
+              ) -> tuple[config_lib.JobConfig, planner.JobPlan, staging.Staged]: ...
 
     def fingerprint(self) -> Mapping[str, Any]: ...
 
@@ -168,7 +169,7 @@ def run(
 
 
 def _plan(config: config_lib.JobConfig, say: Say, variant: Variant | None = None
-          ) -> tuple[config_lib.JobConfig, planner.JobPlan, openai_staging.Staged | None]:
+          ) -> tuple[config_lib.JobConfig, planner.JobPlan, staging.Staged | None]:
     """The job as it runs, its plan, and its staged inputs (``--input-format openai-batch``,
     a ``variant``'s), if any.
 

@@ -34,9 +34,9 @@ from collections.abc import Callable, Iterator
 import fsspec
 import pyarrow.parquet as pq
 
-from griffin_batch.actors import output
 from griffin_batch.jobs import config as config_lib
-from griffin_batch.jobs import manifest, openai_requests, planner
+from griffin_batch.jobs import openai_requests, planner
+from griffin_batch.jobs.staging import Staged, relocate, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,40 +59,6 @@ def job_config(config: config_lib.JobConfig) -> config_lib.JobConfig:
     # Messages are rendered when staged; a completions prompt is text to continue as it is.
     model = dataclasses.replace(config.model, chat=False)
     return dataclasses.replace(config, io=io, model=model)
-
-
-@dataclasses.dataclass
-class Staged:
-    """A job's converted inputs, waiting in a local directory until the output is ready.
-
-    Attributes:
-      plan: The job's plan, naming the staged files at their place in the output.
-      local: Local path of each staged file by its URL in the output.
-    """
-
-    plan: planner.JobPlan
-    local: dict[str, str]
-    _scratch: str
-
-    def upload(self, out: manifest.OutputDir) -> None:
-        """Puts each staged file in place, keeping one already there with the same bytes (a resume)."""
-        for url, path in self.local.items():
-            fs, target = fsspec.core.url_to_fs(url)
-            with open(path, "rb") as f:
-                wanted = hashlib.file_digest(f, "sha256").hexdigest()
-            fs.invalidate_cache(target)
-            if fs.exists(target) and output.file_digest(fs, target) == wanted:
-                continue
-            if output.has_atomic_rename(fs):
-                fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            # Readers come only after this returns: a plain put is enough.
-            fs.put_file(path, target)
-        log.info("staged %d input(s) under %s/%s", len(self.local), out.url,
-                 manifest.STAGED_INPUTS_DIR)
-
-    def cleanup(self) -> None:
-        """Removes the local scratch copies."""
-        shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 def stage(io: config_lib.IOConfig, sampling: config_lib.SamplingConfig,
@@ -194,26 +160,7 @@ class _Lines:
             yield batch
 
 
-def staged_dir(output_url: str) -> str:
-    """Where staged inputs go in the output (``manifest.STAGED_INPUTS_DIR``), as a URL."""
-    fs, path = fsspec.core.url_to_fs(output_url)
-    return output.url_of(fs, f"{path.rstrip('/')}/{manifest.STAGED_INPUTS_DIR}")
-
-
 def _staged_names(urls: list[str]) -> list[str]:
     """Staged file names: numbered in input order (two inputs may share a name)."""
     width = max(5, len(str(len(urls) - 1)))
     return [f"{i:0{width}d}-{posixpath.basename(u)}.parquet" for i, u in enumerate(urls)]
-
-
-def relocate(plan: planner.JobPlan, where: dict[str, str],
-              sources: tuple[planner.SourceFile, ...],
-              unreadable: tuple[tuple[str, str], ...]) -> planner.JobPlan:
-    """``plan`` with each local staged file named by its URL in the output (``where``)."""
-    return dataclasses.replace(
-        plan,
-        files=tuple(dataclasses.replace(f, url=where[f.url]) for f in plan.files),
-        shards=tuple(dataclasses.replace(s, path=where[s.path]) for s in plan.shards),
-        unreadable=unreadable + plan.unreadable,
-        sources=sources,
-    )

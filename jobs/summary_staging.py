@@ -3,7 +3,7 @@
 Every stage is an ordinary job on the one driver: its requests are rendered
 into Parquet in a local scratch directory at plan time, reach the stage's
 output under ``_manifest/inputs/`` once ``OutputDir.prepare`` has checked it
-(``openai_staging.Staged``), and run with ``generate``'s guarantees (exactly
+(``staging.Staged``), and run with ``generate``'s guarantees (exactly
 once, progress checkpoints, ``--resume``). Staged files are rebuilt
 identically on a resume, from the same inputs or the same committed parts.
 
@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from griffin_batch.actors import output, shards
 from griffin_batch.jobs import config as config_lib
-from griffin_batch.jobs import manifest, openai_staging, planner, summary_inputs, summary_sections
+from griffin_batch.jobs import manifest, planner, staging, summary_inputs, summary_sections
 from griffin_batch.model import tokenizer as tokenizer_lib
 
 Say = Callable[[str], None]
@@ -134,9 +134,9 @@ SECTIONS_FIELD = pa.field(SECTIONS, pa.list_(pa.string()))
 
 def _stage_files(config: config_lib.JobConfig, scratch: str, planned: str,
                  keep: tuple[str, ...], sources: tuple[planner.SourceFile, ...], say: Say
-                 ) -> tuple[config_lib.JobConfig, planner.JobPlan, openai_staging.Staged]:
+                 ) -> tuple[config_lib.JobConfig, planner.JobPlan, staging.Staged]:
     """Plans the job over ``scratch/planned`` and names every scratch file by its place in the output."""
-    staged_dir = openai_staging.staged_dir(config.io.output)
+    staged_dir = staging.staged_dir(config.io.output)
     local = {f"{scratch}/{p.name}": f"{staged_dir}/{p.name}"
              for p in sorted(_local_files(scratch))}
     io = dataclasses.replace(config.io, prompt_column=PROMPT, id_column=ID, keep_columns=keep,
@@ -146,8 +146,8 @@ def _stage_files(config: config_lib.JobConfig, scratch: str, planned: str,
                         config.sampling, say)
     target = local[f"{scratch}/{planned}"]
     sources = tuple(dataclasses.replace(s, staged=target) for s in sources)
-    plan = openai_staging.relocate(plan, local, sources, ())
-    return config, plan, openai_staging.Staged(plan=plan, local={v: k for k, v in local.items()},
+    plan = staging.relocate(plan, local, sources, ())
+    return config, plan, staging.Staged(plan=plan, local={v: k for k, v in local.items()},
                                                _scratch=scratch)
 
 
@@ -165,7 +165,7 @@ class _Stage:
         self.options = dict(options)
 
     def stage(self, config: config_lib.JobConfig, say: Say
-              ) -> tuple[config_lib.JobConfig, planner.JobPlan, openai_staging.Staged]:
+              ) -> tuple[config_lib.JobConfig, planner.JobPlan, staging.Staged]:
         """Writes the stage's requests to Parquet and plans the job over them (``driver.Variant``)."""
         scratch = tempfile.mkdtemp(prefix=f"griffin-summarize-{self.name}-")
         try:
@@ -428,7 +428,7 @@ class FinalStage(_Stage):
         extra = (TOKENS_FIELD, SECTIONS_FIELD) if self.keep_sections else (TOKENS_FIELD,)
         rows = _Rows(f"{scratch}/{FINAL_FILE}", _schema(*extra))
         streams = [_Peekable(url) for url in self.levels]
-        documents = f"{openai_staging.staged_dir(self.levels[0])}/{DOCUMENTS_FILE}"
+        documents = f"{staging.staged_dir(self.levels[0])}/{DOCUMENTS_FILE}"
         try:
             with fsspec.open(documents, "rb") as f:
                 for batch in pq.ParquetFile(f).iter_batches(GROUP_ROWS):

@@ -28,8 +28,8 @@ from griffin_batch.actors import output, shards, validation
 from griffin_batch.jobs import config as config_lib
 from griffin_batch.jobs import (
     manifest,
-    openai_staging,
     planner,
+    staging,
     synth_checks,
     synth_dedup,
     synth_staging,
@@ -113,7 +113,7 @@ class SynthesizeJob:
                                           if synth.json_schema else (None, None))
 
     def stage(self, config: config_lib.JobConfig, say: Callable[[str], None]
-              ) -> tuple[config_lib.JobConfig, planner.JobPlan, openai_staging.Staged]:
+              ) -> tuple[config_lib.JobConfig, planner.JobPlan, staging.Staged]:
         """Renders the prompts into the job's staged input and plans it (``driver.Variant``)."""
         return synth_staging.stage(config, self.template, self.variables, self.synth.n, say)
 

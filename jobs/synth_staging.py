@@ -4,7 +4,7 @@ At plan time the template is rendered over every combination of the variables
 (``jobs.synth_vars``, ``jobs.synth_template``) and each prompt is written ``n``
 times, one row per sample, to one Parquet file in a local scratch directory;
 the job is planned from that file as from any Parquet input and the file goes to
-``<output>/_manifest/inputs/`` once the output is checked (``openai_staging.Staged``,
+``<output>/_manifest/inputs/`` once the output is checked (``staging.Staged``,
 as OpenAI batch files do). Each row holds:
 
 * ``id``: ``<combination id>/<sample index>``, the combination id being
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from griffin_batch.actors import columns, output
 from griffin_batch.jobs import config as config_lib
-from griffin_batch.jobs import openai_staging, planner, synth_template, synth_vars
+from griffin_batch.jobs import planner, staging, synth_template, synth_vars
 
 COMBINATION_COLUMN, SAMPLE_COLUMN, SEED_COLUMN = "combination_id", "sample_index", "seed"
 STAGED_NAME = "00000-synthesize.parquet"
@@ -61,7 +61,7 @@ def job_config(config: config_lib.JobConfig, variables: list[str]) -> config_lib
 
 def stage(config: config_lib.JobConfig, template: synth_template.Template,
           variables: synth_vars.Variables | None, n: int, say: Callable[[str], None]
-          ) -> tuple[config_lib.JobConfig, planner.JobPlan, openai_staging.Staged]:
+          ) -> tuple[config_lib.JobConfig, planner.JobPlan, staging.Staged]:
     """Renders every prompt, writes the staged file and plans the job over it.
 
     Args:
@@ -89,7 +89,7 @@ def stage(config: config_lib.JobConfig, template: synth_template.Template,
     try:
         local = f"{scratch}/{STAGED_NAME}"
         _write(local, template, variables, n, config.sampling.seed)
-        staged_url = f"{openai_staging.staged_dir(config.io.output)}/{STAGED_NAME}"
+        staged_url = f"{staging.staged_dir(config.io.output)}/{STAGED_NAME}"
         plan = planner.plan(dataclasses.replace(config.io, inputs=(local,)), config.sampling, say)
         combos = len(variables.rows) if variables is not None else 1
         sources = []
@@ -101,8 +101,8 @@ def stage(config: config_lib.JobConfig, template: synth_template.Template,
             sources.append(planner.SourceFile(url=template.source, staged=staged_url,
                                               size=template.size, sha256=template.sha256,
                                               lines=len(template.text.splitlines())))
-        plan = openai_staging.relocate(plan, {local: staged_url}, tuple(sources), ())
-        return config, plan, openai_staging.Staged(plan=plan, local={staged_url: local},
+        plan = staging.relocate(plan, {local: staged_url}, tuple(sources), ())
+        return config, plan, staging.Staged(plan=plan, local={staged_url: local},
                                                    _scratch=scratch)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
