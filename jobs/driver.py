@@ -188,7 +188,7 @@ def _plan(config: config_lib.JobConfig, say: Say, variant: Variant | None = None
 def _write_batch_output(config: config_lib.JobConfig, plan: planner.JobPlan,
                         out: manifest.OutputDir, state: _RunState, say: Say) -> None:
     """Writes ``output.jsonl`` and ``errors.jsonl`` when every shard is committed."""
-    missing = len(plan.shards) - len(state.committed_before) - len(state.committed_now)
+    missing = state.uncommitted(plan)
     if missing:
         say(f"not writing {manifest.BATCH_OUTPUT_FILE}: {missing} shard(s) are not committed; "
             "rerun with --resume to finish the job and write it")
@@ -203,7 +203,7 @@ def _write_batch_output(config: config_lib.JobConfig, plan: planner.JobPlan,
 def _finish(variant: Variant, plan: planner.JobPlan, out: manifest.OutputDir,
             state: _RunState, say: Say) -> Mapping[str, Any]:
     """The variant's last step, once every shard is committed; its figures for the summary."""
-    missing = len(plan.shards) - len(state.committed_before) - len(state.committed_now)
+    missing = state.uncommitted(plan)
     if missing:
         say(f"{missing} shard(s) are not committed: the job's last step waits for them; "
             "rerun with --resume to finish it")
@@ -226,6 +226,10 @@ class _RunState:
     started_at: float = 0.0  # wall clock, for readers on other machines
     status: str = lifecycle.VALIDATING
     loop: scheduler.Scheduler | None = None
+
+    def uncommitted(self, plan: planner.JobPlan) -> int:
+        """Shards of ``plan`` committed neither before this run nor during it."""
+        return len(plan.shards) - len(self.committed_before) - len(self.committed_now)
 
 
 def resolve_model(m: config_lib.ModelConfig, say: Say) -> worker.ModelSpec:
