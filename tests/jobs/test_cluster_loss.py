@@ -7,8 +7,8 @@ SIGKILL: the head's process group and the workers the raylet put in groups of
 their own, as a machine that goes away. Ray alone would leave the driver blocked
 until its own GCS timeout and then end it with status 1 and no word of the job.
 
-The driver runs with Ray's GCS timeout at 30 s (``RAY_gcs_rpc_server_reconnect_timeout_s``),
-so the watch gives up at 15 s instead of 30 s and the test stays short; exit
+The driver runs with Ray's GCS timeout at 15 s (``RAY_gcs_rpc_server_reconnect_timeout_s``),
+so the watch gives up at 7.5 s instead of 30 s and the test stays short; exit
 status 3 shows that the job, not Ray, ended the process.
 """
 
@@ -35,7 +35,7 @@ from griffin_batch.jobs import manifest as manifest_lib
 PROG = "python -m griffin_batch.jobs.generate"
 START_TIMEOUT_S = 240.0  # the head, then a worker's first JAX compile on a busy 2-core machine
 EXIT_WITHIN_S = 60.0
-RAY_GCS_TIMEOUT_S = 30  # the driver's; the watch then gives up at 15 s and ends the job by 20 s
+RAY_GCS_TIMEOUT_S = 15  # the driver's; the watch then gives up at 7.5 s and ends the job by 10 s
 NUM_ROWS, SHARD_ROWS = 32, 2
 
 
