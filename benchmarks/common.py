@@ -139,7 +139,7 @@ def warm_up_engine(engine: Engine, max_position: int, prompt_len: int = 16) -> N
 
     Group sizes 1, 2, 4, ... up to ``prefill_batch`` with ``prompt_len``-token
     prompts, then one request per attention-ring bucket (a prompt that ends
-    inside the bucket, decoded for two calls).
+    inside the bucket, decoded for two calls), then ``Engine.compile_decode``.
     """
     ec, config = engine.engine_config, engine.config
     vocab = config.vocab_size
@@ -152,6 +152,8 @@ def warm_up_engine(engine: Engine, max_position: int, prompt_len: int = 16) -> N
         run_engine(engine, requests(token_prompts(1, length, vocab), 2 * ec.decode_steps))
         if bucket >= min(max_position, config.attention_window_size):
             break
+    # Decode over every slot and over the quarter-size batch, at every ring bucket.
+    engine.compile_decode(max_position)
 
 
 # DeepMind's reference sampler ------------------------------------------------

@@ -172,6 +172,13 @@ class Engine:
         """How many programs each compiled function holds (bounded by design)."""
         return self._runner.compile_counts()
 
+    def compile_decode(self, max_position: int | None = None) -> None:
+        """Compiles every decode program a run whose positions stay below
+        ``max_position`` (None: any) can use, so that none compiles mid-run.
+        Runs each once on idle slots; call it between runs."""
+        for limit in self._slots.ring_limits(max_position):
+            self._runner.compile_decode(limit, self._slots.row_rings(limit))
+
     # Admission and prefill ----------------------------------------------------
     def _prefill_round(self, pending: AdmissionQueue) -> Iterator[OutputChunk]:
         # Up to prefill_chunks_per_round chunks before the next decode round:

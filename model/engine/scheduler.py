@@ -140,14 +140,27 @@ class SlotScheduler:
         if not any(live):
             return None
         limit = self.ring_limit(steps)
-        top = limit or self._window + 1
         return DecodePlan(
             samples=live,
             last_tokens=np.array([s.last_token if s else 0 for s in live], np.int32),
             positions=np.array([s.position if s else -1 for s in live], np.int32),
             token_index=np.array([s.generated if s else 0 for s in live], np.int32),
             ring_limit=limit,
-            row_rings=tuple(b for b in self._rings if b < top) + (top,))
+            row_rings=self.row_rings(limit))
+
+    def row_rings(self, limit: int | None) -> tuple[int, ...]:
+        """The ring buckets a round with ring limit ``limit`` picks each slot's from."""
+        top = limit or self._window + 1
+        return tuple(b for b in self._rings if b < top) + (top,)
+
+    def ring_limits(self, max_position: int | None = None) -> list[int | None]:
+        """Every ring limit a round can have while positions stay below ``max_position``
+        (None: any position)."""
+        limits = [b if b < self._window else None for b in self._rings]
+        if max_position is not None:
+            limits = limits[: next((i + 1 for i, b in enumerate(self._rings)
+                                    if b > max_position), len(limits))]
+        return list(dict.fromkeys(limits))
 
     def ring_limit(self, steps: int) -> int | None:
         """The smallest ring bucket past every decoding slot's position after ``steps``.

@@ -210,6 +210,18 @@ def test_ring_buckets_grow_by_half_steps_and_end_with_the_window():
     assert scheduler.ring_buckets(256, 256) == [257]
 
 
+def test_ring_limits_are_every_limit_a_decode_round_can_have():
+    slots = scheduler.SlotScheduler(2, scheduler.ring_buckets(16, 100), 100)
+    assert slots.ring_limits() == [16, 24, 32, 48, 64, 96, None]
+    assert slots.ring_limits(40) == [16, 24, 32, 48]  # positions below 40: up to 48
+    assert slots.ring_limits(48) == [16, 24, 32, 48, 64]  # ring_limit picks b > position
+    for position in range(1, 100):
+        slots.occupy(0, state(generated=position - 1))  # at `position` - 1 + 1
+        limit = slots.ring_limit(0)
+        assert limit in slots.ring_limits(position + 1), position
+        assert slots.plan_decode(0).row_rings == slots.row_rings(limit)
+
+
 def test_prefill_plan_shares_a_row_per_request_and_reserves_slots():
     slots = scheduler.SlotScheduler(4, scheduler.ring_buckets(16, 100), 100)
     slots.occupy(1, state())
