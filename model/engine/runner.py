@@ -7,7 +7,8 @@ scheduler plans: prefill groups chunk by chunk (``PrefillGroup``), their
 first tokens and the copy of their state into slots, and decode rounds.
 
 Compilation is bounded by design: prefill chunk lengths and group sizes are
-powers of two, and decode compiles once per attention-ring bucket.
+powers of two, and decode compiles once per attention-ring bucket for every
+slot and once for the quarter-size batch of a round with few busy slots.
 """
 
 from __future__ import annotations
