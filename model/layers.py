@@ -233,11 +233,16 @@ def write_ring(ring: jax.Array, new: jax.Array, positions: at.Positions) -> jax.
     return ring.at[rows, slot].set(new.astype(ring.dtype), mode="drop")
 
 
+def _in_window(q_pos, k_pos, window: int) -> jax.Array:
+    """Whether a query at ``q_pos`` sees a key at ``k_pos`` (-1: empty), broadcast: the key
+    is filled, not later, and at most ``window`` tokens back."""
+    return (k_pos >= 0) & (q_pos >= k_pos) & (q_pos - k_pos <= window)
+
+
 def _scores(q, q_pos, keys, k_pos, window: int) -> jax.Array:
     """Masked attention logits [b, n, t, s] of queries q [b, t, n, h] at ``q_pos`` [b, t]
     against keys [b, s, h] at ``k_pos`` [b, s] (-1: empty)."""
-    q_pos, k_pos = q_pos[:, None, :, None], k_pos[:, None, None, :]
-    mask = (k_pos >= 0) & (q_pos >= k_pos) & (q_pos - k_pos <= window)
+    mask = _in_window(q_pos[:, None, :, None], k_pos[:, None, None, :], window)
     logits = jnp.einsum("btnh,bsh->bnts", q, keys.astype(q.dtype)) * q.shape[-1] ** -0.5
     return jnp.where(mask, logits, _MIN_LOGITS_VALUE).astype(jnp.float32)
 
@@ -270,8 +275,8 @@ def _row_attention(q, position, keys, values, num_tokens, *, window: int, dtype)
     scores = jnp.sum(keys[None].astype(acc) * q[:, None].astype(acc), -1).astype(q.dtype)
     logits = scores * q.shape[-1] ** -0.5
     k_pos = ring_positions(num_tokens, window + 1)[0, : keys.shape[0]]
-    mask = (k_pos >= 0) & (position >= k_pos) & (position - k_pos <= window)
-    logits = jnp.where(mask[None], logits, _MIN_LOGITS_VALUE).astype(jnp.float32)
+    logits = jnp.where(_in_window(position, k_pos, window)[None], logits, _MIN_LOGITS_VALUE)
+    logits = logits.astype(jnp.float32)
     probs = jax.nn.softmax(logits, -1).astype(dtype)
     return probs @ values.astype(dtype)
 
