@@ -41,6 +41,9 @@ class EngineConfig:
       lookahead: Requests pulled ahead of admission for ``longest_first``
         (None: 4 x num_slots). Bounds host memory for unbounded iterables.
       scan_implementation: RG-LRU scan backend (None: auto).
+      attention_implementation: Decode attention backend
+        (``griffin_batch.kernels.decode_attention``; None: a Pallas kernel over
+        per-row ring lengths on TPU and GPU, XLA on CPU).
       num_devices: Local devices the engine spans (None: all).
       model_parallel: Devices each parameter is split over (tensor
         parallelism); slots are split over the remaining factor.
@@ -58,6 +61,7 @@ class EngineConfig:
     longest_first: bool = _field(True)
     lookahead: int | None = _field(None)
     scan_implementation: str | None = _field(None)
+    attention_implementation: str | None = _field(None)
     num_devices: int | None = _field(None)
     model_parallel: int = _field(1)
 

@@ -29,6 +29,7 @@ class ResidualBlock(nn.Module):
     config: GriffinConfig
     block_type: str
     scan_implementation: str | None = None
+    attention_implementation: str | None = None
 
     @nn.compact
     def __call__(self, x, positions, cache, ring_limit=None, row_rings=None):
@@ -40,7 +41,8 @@ class ResidualBlock(nn.Module):
                 self.scan_implementation, name="recurrent_block")(h, positions, cache)
         else:
             h, cache = layers.LocalAttentionBlock(
-                cfg.width, cfg.num_heads, cfg.attention_window_size, name="attention_block")(
+                cfg.width, cfg.num_heads, cfg.attention_window_size,
+                self.attention_implementation, name="attention_block")(
                 h, positions, cache, ring_limit, row_rings)
         residual = h + x
         h = layers.RMSNorm(cfg.width, name="channel_pre_norm")(residual)
@@ -70,16 +72,20 @@ class Griffin(nn.Module):
     Attributes:
       config: Architecture hyper-parameters.
       scan_implementation: RG-LRU scan backend (see ``griffin_batch.kernels.rglru_scan``).
+      attention_implementation: decode attention backend (see
+        ``griffin_batch.kernels.decode_attention``).
     """
 
     config: GriffinConfig
     scan_implementation: str | None = None
+    attention_implementation: str | None = None
 
     def setup(self):
         cfg = self.config
         self.embedder = Embedder(cfg.vocab_size, cfg.width)
         self.blocks = [
-            ResidualBlock(cfg, block_type, self.scan_implementation, name=f"blocks.{i}")
+            ResidualBlock(cfg, block_type, self.scan_implementation,
+                          self.attention_implementation, name=f"blocks.{i}")
             for i, block_type in enumerate(cfg.block_types)
         ]
         self.final_norm = layers.RMSNorm(cfg.width)
@@ -182,6 +188,7 @@ def apply(
     ring_limit: int | None = None,
     row_rings: tuple[int, ...] | None = None,
     scan_implementation: str | None = None,
+    attention_implementation: str | None = None,
     hoisted: dict | None = None,
     logits_at: jax.Array | None = None,
 ) -> tuple[at.Logits | None, Cache]:
@@ -189,7 +196,7 @@ def apply(
     variables = {"params": params}
     if hoisted:
         variables[layers.HOISTED] = hoisted
-    return Griffin(config, scan_implementation).apply(
+    return Griffin(config, scan_implementation, attention_implementation).apply(
         variables, tokens, positions, cache,
         return_logits=return_logits, ring_limit=ring_limit, row_rings=row_rings,
         logits_at=logits_at)

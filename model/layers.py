@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from griffin_batch.kernels.decode_attention import api as decode_attention_api
 from griffin_batch.kernels.rglru_scan import rglru_scan
 from griffin_batch.model import array_typing as at
 
@@ -318,6 +319,7 @@ class LocalAttentionBlock(nn.Module):
     width: int
     num_heads: int
     window_size: int
+    attention_implementation: str | None = None
 
     @nn.compact
     def __call__(
@@ -337,6 +339,11 @@ class LocalAttentionBlock(nn.Module):
             ``ring_limit`` (or the whole ring). Each row then attends to the
             shortest of them that holds its filled slots, chosen per row on
             device, so a row never pays for a longer row's ring.
+
+        ``attention_implementation`` picks decode's attention backend
+        (``griffin_batch.kernels.decode_attention``; None: the best here). A
+        Pallas kernel reads each row's own filled slots and ignores
+        ``ring_limit`` and ``row_rings``; "xla" runs the code below.
         """
         batch, t, _ = x.shape
         head_dim = self.width // self.num_heads
@@ -364,7 +371,15 @@ class LocalAttentionBlock(nn.Module):
             # window + 1 slots so the new key overwrites nothing still needed,
             # and XLA updates it in place instead of copying it every step.
             ring = (q, positions, new_cache.keys, new_cache.values, new_cache.num_tokens)
-            if row_rings:
+            kernel = decode_attention_api.resolve_implementation(self.attention_implementation)
+            if decode_attention_api.is_kernel(kernel):
+                # Right after the write, every filled slot is inside the window.
+                lengths = jnp.where(positions[:, 0] >= 0,
+                                    jnp.minimum(new_cache.num_tokens, ring_len), 0)
+                encoded = decode_attention_api.decode_attention(
+                    q[:, 0], new_cache.keys, new_cache.values, lengths,
+                    implementation=kernel)[:, None]
+            elif row_rings:
                 encoded = _decode_attention_per_row(*ring, rings=row_rings, window=window,
                                                     dtype=x.dtype)
             else:

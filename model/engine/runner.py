@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from griffin_batch.kernels.decode_attention import api as decode_attention_api
 from griffin_batch.model import array_typing as at
 from griffin_batch.model import griffin, sharding
 from griffin_batch.model.config import GriffinConfig
@@ -36,14 +37,15 @@ MIN_GROUP = 2  # smallest prefill group (see PrefillGroup)
 # Compiled device functions --------------------------------------------------
 
 @functools.partial(jax.jit,
-                   static_argnames=("config", "steps", "ring_limit", "row_rings", "scan"),
+                   static_argnames=("config", "steps", "ring_limit", "row_rings", "scan", "attention"),
                    donate_argnames=("cache",))
 def _decode(config, params, hoisted, cache, last_tokens, positions, token_index, rows, *,
-            steps, ring_limit, row_rings, scan):
+            steps, ring_limit, row_rings, scan, attention):
     """``steps`` decode steps for every slot; inactive slots have position -1.
 
     ``hoisted``: ``griffin.hoist(params)`` or {} (see ``ModelRunner.__init__``).
     ``row_rings``: per-slot ring lengths (``DecodePlan.row_rings``) or None.
+    ``scan``, ``attention``: the RG-LRU scan and decode attention backends.
     """
 
     def step(carry, _):
@@ -51,6 +53,7 @@ def _decode(config, params, hoisted, cache, last_tokens, positions, token_index,
         logits, cache = griffin.apply(config, params, tokens[:, None], pos[:, None], cache,
                                       ring_limit=ring_limit, row_rings=row_rings,
                                       scan_implementation=scan,
+                                      attention_implementation=attention,
                                       hoisted=hoisted)
         nxt, logprob = sample_tokens(logits[:, 0], rows, idx)
         pos = jnp.where(pos >= 0, pos + 1, -1)
@@ -62,10 +65,10 @@ def _decode(config, params, hoisted, cache, last_tokens, positions, token_index,
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("config", "steps", "ring_limit", "row_rings", "scan"),
+                   static_argnames=("config", "steps", "ring_limit", "row_rings", "scan", "attention"),
                    donate_argnames=("cache",))
 def _decode_slots(config, params, hoisted, cache, slots, last_tokens, positions, token_index,
-                  rows, *, steps, ring_limit, row_rings, scan):
+                  rows, *, steps, ring_limit, row_rings, scan, attention):
     """``_decode`` over the slots ``slots`` [k] alone (distinct; k < the slot count).
 
     Their rows of the cache are gathered, decoded as a batch of k and written
@@ -75,7 +78,7 @@ def _decode_slots(config, params, hoisted, cache, slots, last_tokens, positions,
     rows_cache = jax.tree.map(lambda c: c[slots], cache)
     rows_cache, tokens, logprobs = _decode(
         config, params, hoisted, rows_cache, last_tokens, positions, token_index, rows,
-        steps=steps, ring_limit=ring_limit, row_rings=row_rings, scan=scan)
+        steps=steps, ring_limit=ring_limit, row_rings=row_rings, scan=scan, attention=attention)
     cache = jax.tree.map(lambda c, r: c.at[slots].set(r), cache, rows_cache)
     return cache, tokens, logprobs
 
@@ -229,11 +232,15 @@ class ModelRunner:
         # fuse the slices into the matmuls and need nothing.
         on_cpu = self.mesh.devices.flat[0].platform == "cpu"
         self._hoisted = jax.jit(griffin.hoist)(self.params) if on_cpu else {}
-        # On CPU each slot attends over its own ring length (a loop over slots
-        # with a branch per length). On GPU/TPU a loop over slots would run
-        # one small kernel per slot; there decode keeps the batch's ring
-        # bucket until a per-row attention kernel exists.
-        self._per_row_rings = on_cpu
+        # Each slot attends over its own ring length. On TPU/GPU a Pallas
+        # kernel reads each row's filled slots itself, so decode needs no ring
+        # bucket and compiles once. With XLA, on CPU, a loop over slots picks a
+        # branch per bucket; elsewhere XLA's per-slot loop would run one small
+        # kernel per slot, so decode attends over the batch's ring bucket.
+        self._attention = decode_attention_api.resolve_implementation(
+            ec.attention_implementation, platform=self.mesh.devices.flat[0].platform)
+        self._attention_kernel = decode_attention_api.is_kernel(self._attention)
+        self._per_row_rings = on_cpu and not self._attention_kernel
         # With few slots decoding (the tail of a run, a draining worker), a
         # round decodes a quarter-size batch of just those slots: a step's
         # matmuls cost nearly as much for idle rows as for busy ones (benchmark
@@ -319,9 +326,11 @@ class ModelRunner:
 
     def _decode_static(self, ring_limit: int | None, row_rings: tuple[int, ...]) -> dict:
         ec = self.engine_config
+        if self._attention_kernel:
+            ring_limit = None  # the kernel reads each row's length: one program for all
         return dict(steps=ec.decode_steps, ring_limit=ring_limit,
                     row_rings=row_rings if self._per_row_rings else None,
-                    scan=ec.scan_implementation)
+                    scan=ec.scan_implementation, attention=self._attention)
 
     def load_slot(self, slot: int, row) -> None:
         """Copies one row of model state (a host pytree, as ``read_slots`` gives) into ``slot``."""

@@ -246,6 +246,30 @@ def test_compile_decode_leaves_no_decode_program_to_compile_mid_run(model):
     assert {k: c.tokens for k, c in warmed.items()} == {k: c.tokens for k, c in cold.items()}
 
 
+@pytest.mark.parametrize("kernel", ["pallas_tpu_interpret", "pallas_gpu_interpret"])
+def test_decode_attention_kernels_give_the_xla_paths_results(model, kernel):
+    """An engine whose decode attention is a Pallas kernel over per-row lengths (run in
+    the Pallas interpreter: no TPU or GPU here) gives the XLA path's tokens, logprobs
+    within 1e-5, across the attention window; and it compiles one decode program for
+    every ring length, where the XLA path compiles one per ring bucket."""
+    requests = [req(i, p, max_tokens=30 + 6 * i, logprobs=True, **sampled(i))
+                for i, p in enumerate(PROMPTS)]
+    want = run(make_engine(model), requests)
+    engine = make_engine(model, attention_implementation=kernel)
+    before = engine.compile_counts()
+    got = run(engine, requests)
+    added = {k: v - before[k] for k, v in engine.compile_counts().items()}
+    assert added["_decode"] == 1 and added["_decode_slots"] <= 1, added
+    for key, w in want.items():
+        assert got[key].tokens == w.tokens and len(w.tokens) > 0, key
+        diff = np.max(np.abs(np.asarray(got[key].logprobs) - np.asarray(w.logprobs)))
+        print(f"{kernel} {key}: logprobs max|diff| {diff:.1e} (tol 1e-5)")
+        assert diff <= 1e-5
+    config = model[0]
+    assert max(c.num_prompt_tokens + len(c.tokens) for c in want.values()) > (
+        2 * config.attention_window_size)
+
+
 def test_different_seeds_and_samples_differ(model):
     engine = make_engine(model)
     params = dict(temperature=1.0, max_tokens=24, n=3)
