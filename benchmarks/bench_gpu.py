@@ -10,7 +10,8 @@ downloaded; ``griffin_batch`` is imported from the working tree
      "prompt_tokens": 2048, "new_tokens": 1024, "batches": [64, 256],
      "engine_tokens_per_s": {"64": ..., "256": ...}, "hf_tokens_per_s": {...},
      "vs_hf": {...}, "tokens_per_s_by_output_length": {"1024": ..., ..., "8192": ...},
-     "flat_2k_8k": ..., "cache_bytes_per_slot": ..., "targets": {...},
+     "flat_2k_8k": ..., "cache_bytes_per_slot": ..., "decode_attention": ...,
+     "targets": {...},
      "skipped": {...}, ...}
 
 Workload: the RecurrentGemma-2B preset (vocab 256k, width 2560, 26 blocks,
@@ -27,6 +28,11 @@ generating 8192 tokens each on the engine of that batch; for each length L
 (1k, 2k, 4k, 8k) the decode tokens/s (all sequences) of the window ending at
 L (from the previous length; the first from the end of prefill).
 ``flat_2k_8k`` is min/max over the windows ending at 2k, 4k and 8k.
+
+``decode_attention``: the engine's decode attention here (``pallas_gpu`` when
+the Triton kernel compiles, else ``xla``); for a kernel,
+``decode_attention_max_abs_diff_vs_xla`` compares it with the XLA formulation
+on the model's decode shapes before the engine runs.
 
 Memory: ``cache_bytes_per_slot`` is the engine's whole per-slot state
 (attention rings and recurrent states); ``device_bytes_in_use`` is what the
@@ -183,12 +189,40 @@ def _sweep(w: Workload, engine, deadline: float) -> dict[str, Any]:
     return record
 
 
+def _attention_check(config) -> dict[str, Any]:
+    """Which decode attention the engine uses here; a Pallas kernel (never run on a GPU
+    before this benchmark's first run) is first compared with the XLA formulation on
+    the model's decode shapes, 8 rows of random lengths, bfloat16."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from griffin_batch.kernels.decode_attention import api, reference
+
+    impl = api.resolve_implementation()
+    record: dict[str, Any] = {"phase": "attention", "implementation": impl}
+    if api.is_kernel(impl):
+        rng = np.random.default_rng(0)
+        s, h = config.attention_window_size + 1, config.head_dim
+        q, keys, values = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+                           for shape in ((8, config.num_heads, h), (8, s, h), (8, s, h)))
+        lengths = jnp.asarray(rng.integers(0, s + 1, 8), jnp.int32)
+        got = api.decode_attention(q, keys, values, lengths, implementation=impl)
+        want = reference.attend(q, keys, values, lengths)
+        record["max_abs_diff_vs_xla"] = float(jnp.max(jnp.abs(
+            got.astype(jnp.float32) - want.astype(jnp.float32))))
+    return record
+
+
 def child_engine(w: Workload, workdir: str, deadline: float) -> None:
     """Our engine at every batch, largest first, then the length sweep on the sweep batch's."""
     from benchmarks import common
     from griffin_batch.model import checkpoint
 
     config, params = checkpoint.load_checkpoint(os.path.join(workdir, HF_CHECKPOINT))
+    try:
+        emit_line(_attention_check(config))
+    except Exception as e:  # noqa: BLE001 - a kernel failing here must not cost the engine runs
+        emit_line({"phase": "attention", "error": _failure(e)})
     engines = {}
     for batch in sorted(w.batches, reverse=True):
         if deadline - time.time() < w.min_phase_s:
@@ -302,6 +336,7 @@ def summarize(w: Workload, lines: list[dict[str, Any]], missing: list[str]) -> d
     vs_hf = {b: engine[b] / hf[b] for b in engine if b in hf}
     top = str(max(w.batches))
     cache = by_batch(lines, "engine", "cache_bytes_per_slot")
+    attention = next((x for x in lines if x.get("phase") == "attention"), {})
     return {
         "bench": "gpu", "smoke": w.smoke, "model": "recurrentgemma-2b shapes, random weights"
         if not w.smoke else "testing.tiny_config", "dtype": "bfloat16",
@@ -317,6 +352,8 @@ def summarize(w: Workload, lines: list[dict[str, Any]], missing: list[str]) -> d
                                 "hf": by_batch(lines, "hf", "device_bytes_in_use")},
         "hf_peak_bytes_per_slot": by_batch(lines, "hf", "hf_peak_bytes_per_slot"),
         "engine_compiles": by_batch(lines, "engine", "compiles"),
+        "decode_attention": attention.get("implementation"),
+        "decode_attention_max_abs_diff_vs_xla": attention.get("max_abs_diff_vs_xla"),
         "targets": {"vs_hf_at_largest_batch_at_least_3": vs_hf[top] >= 3 if top in vs_hf
                     else None,
                     "flat_2k_8k_within_10pct": flat >= 0.9 if flat is not None else None},

@@ -21,7 +21,7 @@ GPU_KEYS = {
     "new_tokens", "batches", "engine_tokens_per_s", "hf_tokens_per_s", "vs_hf", "hf_truncated",
     "sweep_batch", "tokens_per_s_by_output_length", "sweep_complete", "flat_2k_8k",
     "cache_bytes_per_slot", "device_bytes_in_use", "hf_peak_bytes_per_slot", "engine_compiles",
-    "targets", "skipped", "missing_modules", "torch", "transformers", "phase_s", "wall_s",
+    "decode_attention", "decode_attention_max_abs_diff_vs_xla", "targets", "skipped", "missing_modules", "torch", "transformers", "phase_s", "wall_s",
 }
 
 
@@ -42,7 +42,24 @@ def test_gpu_benchmark_smoke_run_reports_every_key(tmp_path):
     assert sorted(map(int, line["tokens_per_s_by_output_length"])) == [8, 16, 32, 64]
     assert line["sweep_complete"] and 0 < line["flat_2k_8k"] <= 1
     assert line["cache_bytes_per_slot"] > 0
+    # On CPU the engine's decode attention is XLA's (a GPU picks the Pallas kernel).
+    assert line["decode_attention"] == "xla"
+    assert line["decode_attention_max_abs_diff_vs_xla"] is None
     assert set(line["phase_s"]) == {"prepare", "engine", "hf"}
+
+
+def test_gpu_benchmark_checks_a_kernel_against_xla_before_the_engine_runs(monkeypatch):
+    """Where a Pallas kernel is the choice (a GPU), the record names it and its difference
+    from the XLA formulation; here the Triton kernel runs in the interpreter."""
+    from benchmarks import bench_gpu
+    from griffin_batch.kernels.decode_attention import api
+    from griffin_batch.model import testing
+
+    monkeypatch.setattr(api, "resolve_implementation", lambda *a, **k: "pallas_gpu_interpret")
+    record = bench_gpu._attention_check(testing.tiny_config())
+    print(record)
+    assert record["implementation"] == "pallas_gpu_interpret"
+    assert 0 <= record["max_abs_diff_vs_xla"] < 2e-2  # bfloat16, a few ulps
 
 
 _HIDE_INSTALL = textwrap.dedent("""
@@ -62,7 +79,8 @@ _HIDE_INSTALL = textwrap.dedent("""
     tree = tree_import.ensure_importable()
     import griffin_batch.model.dtypes
     assert griffin_batch.model.dtypes.__file__.startswith(tree), griffin_batch.model.dtypes.__file__
-    for name in ("griffin_batch.data", "griffin_batch.kernels.rglru_scan", "griffin_batch.jobs"):
+    for name in ("griffin_batch.data", "griffin_batch.kernels.rglru_scan",
+                 "griffin_batch.kernels.decode_attention", "griffin_batch.jobs"):
         assert importlib.util.find_spec(name) is not None, name
     print("ok", tree)
 """)
