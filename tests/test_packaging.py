@@ -76,6 +76,25 @@ def test_kernels_folder_yields_the_name_to_hugging_face():
     from kernels import CUDAProperties  # noqa: F401, TID251
 
 
+def test_every_package_folder_is_listed_for_the_wheel():
+    """``packages`` in pyproject.toml is an explicit list: a new subpackage missing from it
+    works in an editable install and is absent from the wheel."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {(ROOT / d).resolve(): name for name, d in setuptools["package-dir"].items()}
+    found = set()
+    for folder, name in folders.items():
+        for init in folder.rglob("__init__.py"):
+            sub = init.parent
+            # The nearest mapped folder above (or at) this one names it.
+            base = max((f for f in folders if sub == f or f in sub.parents),
+                       key=lambda f: len(f.parts))
+            if base == folder and "__pycache__" not in sub.parts:
+                found.add(".".join([name, *sub.relative_to(folder).parts]))
+    assert found - set(setuptools["packages"]) == set(), "add these to pyproject.toml's packages"
+
+
 def test_console_script_and_module_entry_points():
     top = _run([str(BIN / "griffin-batch"), "--help"]).stdout
     assert "generate" in top
