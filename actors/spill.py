@@ -11,13 +11,24 @@ rows of the group it is writing, not with its shard.
 
 The rows written are exactly those of ``rows.assemble`` (tested side by side),
 with the same exactly-once check.
+
+A worker killed outright (SIGKILL, the kernel's OOM killer) cannot delete its
+spill file, and a long shard's can be gigabytes. Each spill therefore holds an
+exclusive ``flock`` on its file for as long as its process lives (the kernel
+drops it when the process dies, however it dies), and every new spill first
+deletes the files of its own name pattern in its directory whose lock it can
+take: their writers are gone. Nothing else there is touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import pyarrow as pa
@@ -29,6 +40,13 @@ from griffin_batch.model import requests
 
 SPILL_EVERY = 32
 """Finished samples kept in memory before they are appended to the spill file."""
+
+PREFIX, SUFFIX = "griffin-spill-", ".arrow"
+ORPHAN_AGE_S = 60.0
+"""A spill file this recently changed is never swept: its writer may be between
+creating it and taking its lock."""
+
+_log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([
     pa.field("row", pa.int64(), nullable=False),
@@ -49,8 +67,14 @@ class CompletionSpill:
     """
 
     def __init__(self, directory: str | None = None):
-        fd, self.path = tempfile.mkstemp(prefix="griffin-spill-", suffix=".arrow", dir=directory)
-        os.close(fd)
+        directory = directory or tempfile.gettempdir()
+        remove_orphans(directory)
+        fd, self.path = tempfile.mkstemp(prefix=PREFIX, suffix=SUFFIX, dir=directory)
+        # Without flock on this file system the file is still removed normally, just
+        # never swept (remove_orphans cannot take a lock there either).
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._lock_fd = fd  # the lock lives as long as this descriptor
         self._sink = pa.OSFile(self.path, "wb")
         self._writer = pa.ipc.new_file(self._sink, SCHEMA)
         self.count = 0
@@ -84,6 +108,54 @@ class CompletionSpill:
             self._sink.close()
         if os.path.exists(self.path):
             os.unlink(self.path)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _is_orphan(fd: int, now: float, min_age_s: float) -> bool:
+    """Old enough, and its lock free; takes the lock (until ``fd`` closes) when so."""
+    if now - os.fstat(fd).st_mtime < min_age_s:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held by a live spill, or no flock on this file system
+        return False
+    return True
+
+
+def remove_orphans(directory: str, min_age_s: float = ORPHAN_AGE_S) -> list[str]:
+    """Deletes the spill files in ``directory`` whose writer is gone; returns their paths.
+
+    A file qualifies when its name is ``PREFIX...SUFFIX``, it is at least
+    ``min_age_s`` old and its lock is free (a live spill holds it).
+    """
+    removed = []
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(PREFIX) and n.endswith(SUFFIX)]
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        try:
+            if _is_orphan(fd, now, min_age_s):
+                os.unlink(path)
+                removed.append(path)
+        except FileNotFoundError:  # another sweeper was first
+            pass
+        except OSError as err:
+            _log.warning("spill: could not remove the orphaned %s: %s", path, err)
+        finally:
+            os.close(fd)
+    if removed:
+        _log.info("spill: removed %d file(s) left by killed workers in %s", len(removed),
+                  directory)
+    return removed
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,12 @@ alone (the same rows as ``rows.assemble``, the same exactly-once check, and
 finished samples kept out of memory).
 """
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -76,3 +82,51 @@ def test_a_batch_keeps_only_a_few_finished_samples_in_memory(tmp_path):
     assert batch.done and batch.completions == []
     assert most < spill.SPILL_EVERY
     assert store.count == len(done)
+
+
+_HOLD_A_SPILL = (
+    "import os, signal, sys\n"
+    "from griffin_batch.actors import spill\n"
+    "store = spill.CompletionSpill(sys.argv[1])\n"
+    "print(store.path, flush=True)\n"
+    "if sys.argv[2] == 'kill':\n"
+    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    "sys.stdin.read()  # alive until the test closes stdin\n"
+)
+
+
+def _spill_in_process(directory, how: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_A_SPILL, str(directory), how],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def _age(path: str, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_spill_files_of_killed_workers_are_removed_and_nothing_else(tmp_path):
+    """A worker SIGKILLed mid-shard leaves its spill file; the next spill in that directory
+    deletes it. A live worker's file, a fresh one and files of other names stay."""
+    killed, orphan = _spill_in_process(tmp_path, "kill")
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    fresh_proc, fresh = _spill_in_process(tmp_path, "kill")
+    fresh_proc.wait(timeout=60)
+    live, held = _spill_in_process(tmp_path, "hold")
+    others = [tmp_path / "griffin-spill-notes.txt", tmp_path / "results.arrow"]
+    for path in others:
+        path.write_text("not ours")
+    for path in (orphan, held, *others):
+        _age(str(path), 2 * spill.ORPHAN_AGE_S)
+    try:
+        store = spill.CompletionSpill(str(tmp_path))
+        assert not os.path.exists(orphan)
+        assert os.path.exists(held) and os.path.exists(fresh)  # locked; too young to judge
+        assert all(p.exists() for p in others)
+        store.remove()
+    finally:
+        live.communicate(input="", timeout=60)
+    # Its process gone, the held file is an orphan like the others.
+    assert spill.remove_orphans(str(tmp_path)) == [held]
+    assert os.path.exists(fresh) and all(p.exists() for p in others)
