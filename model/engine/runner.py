@@ -251,6 +251,7 @@ class ModelRunner:
         self._compact = data_size == 1 and self._compact_size < ec.num_slots
         self.cache = jax.device_put(griffin.init_cache(config, ec.num_slots, self.dtype),
                                     self._by_slot)
+        self._warm_decode: set[tuple] = set()  # decode programs compile_decode has run
 
     def start_prefill(self, plan: PrefillPlan) -> PrefillGroup:
         """A prefill group for ``plan``, with a fresh cache of its own."""
@@ -309,6 +310,10 @@ class ModelRunner:
         of a ring bucket, over every slot and over the quarter-size batch."""
         ec = self.engine_config
         static = self._decode_static(ring_limit, row_rings)
+        key = tuple(sorted(static.items()))
+        if key in self._warm_decode:  # e.g. every ring bucket, with a kernel: one program
+            return
+        self._warm_decode.add(key)
         n = ec.num_slots
         idle = dict(last_tokens=np.zeros(n, np.int32), positions=np.full(n, -1, np.int32),
                     token_index=np.zeros(n, np.int32))
