@@ -108,6 +108,25 @@ def test_a_row_reads_nothing_past_its_length(impl):
     assert_close(got, reference.attend(q, keys, values, lengths), jnp.float32, impl)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4, 12])
+def test_pallas_tpu_row_groups(rows):
+    """Rows sharing a grid step each compute only their own length (the group reads up
+    to its longest); 12 rows of lengths from 0 to the full ring, in groups of ``rows``."""
+    from griffin_batch.kernels.decode_attention import pallas_tpu
+
+    q, keys, values, lengths = make_inputs(12, 3, 16, 48, jnp.float32, seed=rows)
+    got = pallas_tpu.attend(q, keys, values, lengths, block_size=16, rows=rows, interpret=True)
+    assert_close(got, reference.attend(q, keys, values, lengths), jnp.float32, f"rows {rows}")
+
+
+def test_pallas_tpu_rows_per_step():
+    from griffin_batch.kernels.decode_attention import pallas_tpu
+
+    assert [pallas_tpu.rows_per_step(b) for b in (1, 6, 12, 64, 256)] == [1, 2, 4, 8, 8]
+    with pytest.raises(ValueError, match="rows=5 does not divide the batch 12"):
+        pallas_tpu.attend(*make_inputs(12, 1, 16, 8, jnp.float32), rows=5, interpret=True)
+
+
 def test_pallas_tpu_under_the_tpu_interpreter():
     """TPU-faithful interpreter: VMEM scratch, resident output block, NaN-poisoned fresh
     memory (the partial last block past the ring's end holds NaN, and must not leak)."""
