@@ -152,7 +152,7 @@ def warm_up_engine(engine: Engine, max_position: int, prompt_len: int = 16) -> N
         run_engine(engine, requests(token_prompts(1, length, vocab), 2 * ec.decode_steps))
         if bucket >= min(max_position, config.attention_window_size):
             break
-    # Decode over every slot and over the quarter-size batch, at every ring bucket.
+    # Decode over every slot and over each smaller batch, at every ring bucket.
     engine.compile_decode(max_position)
 
 

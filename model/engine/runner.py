@@ -8,7 +8,8 @@ first tokens and the copy of their state into slots, and decode rounds.
 
 Compilation is bounded by design: prefill chunk lengths and group sizes are
 powers of two, and decode compiles once per attention-ring bucket for every
-slot and once for the quarter-size batch of a round with few busy slots.
+slot and once for each smaller batch (a quarter, a half of the slots) of a
+round with few busy slots.
 """
 
 from __future__ import annotations
@@ -242,13 +243,13 @@ class ModelRunner:
         self._attention_kernel = decode_attention_api.is_kernel(self._attention)
         self._per_row_rings = on_cpu and not self._attention_kernel
         # With few slots decoding (the tail of a run, a draining worker), a
-        # round decodes a quarter-size batch of just those slots: a step's
-        # matmuls cost nearly as much for idle rows as for busy ones (benchmark
-        # model, CPU: a round of 8 rows takes 0.58x the time of 32). One size
-        # only, so decode programs at most double. One device group only:
-        # gathering slots across groups would move state between devices.
-        self._compact_size = max(MIN_GROUP, ec.num_slots // 4)
-        self._compact = data_size == 1 and self._compact_size < ec.num_slots
+        # round decodes a smaller batch of just those slots, a quarter or half
+        # of the slots: a round costs nearly as much for idle rows as for busy
+        # ones (``benchmarks/bench_tail.py``). Two sizes only, so decode
+        # programs at most triple. One device group only: gathering slots
+        # across groups would move state between devices.
+        sizes = {max(MIN_GROUP, ec.num_slots // 4), max(MIN_GROUP, ec.num_slots // 2)}
+        self._compact_sizes = sorted(k for k in sizes if k < ec.num_slots and data_size == 1)
         self.cache = jax.device_put(griffin.init_cache(config, ec.num_slots, self.dtype),
                                     self._by_slot)
         self._warm_decode: set[tuple] = set()  # decode programs compile_decode has run
@@ -279,15 +280,16 @@ class ModelRunner:
     def decode(self, plan: DecodePlan) -> tuple[np.ndarray, np.ndarray]:
         """Runs one decode round; returns host (tokens, logprobs), both [num_slots, steps].
 
-        When at most a quarter of the slots decode, the round runs on a batch
-        of just those slots, padded with idle ones to a quarter of the slots
-        (at least ``MIN_GROUP``); idle slots' entries are then zero.
+        When at most half of the slots decode, the round runs on a batch of
+        just those slots, padded with idle ones to a quarter or half of the
+        slots, whichever holds them (at least ``MIN_GROUP``); idle slots'
+        entries are then zero.
         """
         ec = self.engine_config
         static = self._decode_static(plan.ring_limit, plan.row_rings)
         active = np.flatnonzero(plan.positions >= 0)
-        size = self._compact_size
-        if not (self._compact and len(active) <= size):
+        size = next((k for k in self._compact_sizes if len(active) <= k), None)
+        if size is None:
             cache, tokens, logprobs = _decode(
                 self.config, self.params, self._hoisted, self.cache, plan.last_tokens,
                 plan.positions, plan.token_index, _row_params(plan.samples), **static)
@@ -307,7 +309,7 @@ class ModelRunner:
 
     def compile_decode(self, ring_limit: int | None, row_rings: tuple[int, ...]) -> None:
         """Compiles (and runs, on idle slots: no state changes) the decode programs
-        of a ring bucket, over every slot and over the quarter-size batch."""
+        of a ring bucket, over every slot and over each smaller batch."""
         ec = self.engine_config
         static = self._decode_static(ring_limit, row_rings)
         key = tuple(sorted(static.items()))
@@ -321,12 +323,11 @@ class ModelRunner:
             self.config, self.params, self._hoisted, self.cache, *idle.values(),
             _row_params([None] * n), **static)
         self.cache = self._on_slots(cache)  # as decode() leaves it, so the next call matches
-        if self._compact:
-            k = self._compact_size
-            self.cache, tokens, _ = _decode_slots(
+        for k in self._compact_sizes:
+            cache, tokens, _ = _decode_slots(
                 self.config, self.params, self._hoisted, self.cache, np.arange(k, dtype=np.int32),
                 *(a[:k] for a in idle.values()), _row_params([None] * k), **static)
-        self.cache = self._on_slots(self.cache)
+            self.cache = self._on_slots(cache)  # each call sees the cache as decode() leaves it
         np.asarray(tokens)
 
     def _decode_static(self, ring_limit: int | None, row_rings: tuple[int, ...]) -> dict:

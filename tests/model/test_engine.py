@@ -192,16 +192,19 @@ def test_seeded_sampling_ignores_batch_mates_and_slots(model):
 
 
 def test_few_slots_decode_as_a_smaller_batch_with_the_same_results(model, monkeypatch):
-    """Rounds with at most a quarter of the slots busy run on just those (``_decode_slots``);
+    """Rounds with at most half of the slots busy run on just those (``_decode_slots``);
     their tokens equal those of the same rounds run over every slot, logprobs within 1e-5."""
     from griffin_batch.model.engine import runner
 
     calls = {"all": 0, "some": 0}
+    sizes = set()  # batch sizes of the gathered rounds
     real_all, real_some = runner._decode, runner._decode_slots
 
     def count(key, real):
         def wrapped(*args, **kw):
             calls[key] += 1
+            if key == "some":
+                sizes.add(len(args[4]))  # _decode_slots(config, params, hoisted, cache, slots, ...)
             return real(*args, **kw)
         return wrapped
 
@@ -212,10 +215,10 @@ def test_few_slots_decode_as_a_smaller_batch_with_the_same_results(model, monkey
                 req("s", PROMPTS[1], temperature=1.0, top_k=20, seed=3, max_tokens=45,
                     logprobs=True),
                 req("t", PROMPTS[2], temperature=0.7, seed=4, max_tokens=12, logprobs=True)]
-    engine = make_engine(model, num_slots=8)  # gathers rounds of at most 2 busy slots
+    engine = make_engine(model, num_slots=8)  # gathers 3-4 busy slots into 4, 1-2 into 2
     gathered = run(engine, requests)
-    assert calls["some"] > 0, calls
-    engine._runner._compact = False  # every round over all eight slots
+    assert calls["some"] > 0 and sizes == {2, 4}, (calls, sizes)
+    engine._runner._compact_sizes = []  # every round over all eight slots
     some = calls["some"]
     every = run(engine, requests)
     assert calls["some"] == some, calls
@@ -477,7 +480,8 @@ def test_prefill_chunk_size_does_not_change_results(model, greedy):
 def test_compilations_are_bounded(model):
     """Bound: decode, all 4 slots (window 32, min_ring 8 -> rings
                 8, 12, 16, 24, full)                                      5
-              decode of 2 slots gathered (the same rings)                 5
+              decode of 2 slots gathered (the same rings; a quarter
+                and a half of 4 slots are both the minimum, 2)            5
               prefill (groups 1, 2) x (chunks 16, 32)                     4
               first tokens, insert: one per group size (1, 2)         2 + 2
                                                                           --
