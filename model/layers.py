@@ -24,6 +24,7 @@ from flax import linen as nn
 from griffin_batch.kernels.decode_attention import api as decode_attention_api
 from griffin_batch.kernels.rglru_scan import rglru_scan
 from griffin_batch.model import array_typing as at
+from griffin_batch.model import sharding
 
 # Masked attention logits; the reference's constant, so softmax ties match.
 _MIN_LOGITS_VALUE = -2.3819763e38
@@ -378,7 +379,7 @@ class LocalAttentionBlock(nn.Module):
                                     jnp.minimum(new_cache.num_tokens, ring_len), 0)
                 encoded = decode_attention_api.decode_attention(
                     q[:, 0], new_cache.keys, new_cache.values, lengths,
-                    implementation=kernel)[:, None]
+                    implementation=kernel, batch_axis=sharding.DATA)[:, None]
             elif row_rings:
                 encoded = _decode_attention_per_row(*ring, rings=row_rings, window=window,
                                                     dtype=x.dtype)

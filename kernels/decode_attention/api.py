@@ -150,6 +150,7 @@ def decode_attention(
     implementation: str | None = None,
     block_size: int | None = None,
     interpret: bool = False,
+    batch_axis: str | None = None,
 ) -> jax.Array:
     """Each row's query heads attend to the first ``lengths`` slots of its ring.
 
@@ -168,6 +169,11 @@ def decode_attention(
         ``IMPLEMENTATIONS``. An explicit Pallas kernel on the wrong platform raises.
       block_size: ring slots per kernel block (a default per kernel when None).
       interpret: run a Pallas kernel in the Pallas interpreter (works on CPU; slow).
+      batch_axis: the axis of the current mesh (``jax.set_mesh``) the rows are
+        split over, if any. XLA cannot split a Pallas kernel by itself: it would
+        gather every row's ring onto every device and run the whole batch on
+        each. With this axis each device runs the kernel on its own rows
+        (``jax.shard_map``); other mesh axes see the whole of its rows.
 
     Returns:
       [b, n, h] in q's dtype.
@@ -185,5 +191,10 @@ def decode_attention(
     if name == "xla":
         return reference.attend(q, keys, values, lengths.astype(jnp.int32))
     module = importlib.import_module(_MODULES[name])
-    return module.attend(q, keys, values, lengths.astype(jnp.int32), block_size=block_size,
-                         interpret=interpret)
+    call = functools.partial(module.attend, block_size=block_size, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if batch_axis is not None and not mesh.empty and mesh.shape.get(batch_axis, 1) > 1:
+        rows = jax.sharding.PartitionSpec(batch_axis)
+        # check_vma off: the Pallas call carries no varying-axes rule of its own.
+        call = jax.shard_map(call, in_specs=(rows,) * 4, out_specs=rows, check_vma=False)
+    return call(q, keys, values, lengths.astype(jnp.int32))

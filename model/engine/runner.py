@@ -290,17 +290,19 @@ class ModelRunner:
         active = np.flatnonzero(plan.positions >= 0)
         size = next((k for k in self._compact_sizes if len(active) <= k), None)
         if size is None:
-            cache, tokens, logprobs = _decode(
-                self.config, self.params, self._hoisted, self.cache, plan.last_tokens,
-                plan.positions, plan.token_index, _row_params(plan.samples), **static)
+            with jax.set_mesh(self.mesh):  # a decode-attention kernel splits over it
+                cache, tokens, logprobs = _decode(
+                    self.config, self.params, self._hoisted, self.cache, plan.last_tokens,
+                    plan.positions, plan.token_index, _row_params(plan.samples), **static)
             self.cache = self._on_slots(cache)
             return np.asarray(tokens), np.asarray(logprobs)
         idle = np.flatnonzero(plan.positions < 0)[: size - len(active)]
         slots = np.concatenate([active, idle]).astype(np.int32)
-        self.cache, tokens, logprobs = _decode_slots(
-            self.config, self.params, self._hoisted, self.cache, slots, plan.last_tokens[slots],
-            plan.positions[slots], plan.token_index[slots],
-            _row_params([plan.samples[i] for i in slots]), **static)
+        with jax.set_mesh(self.mesh):
+            self.cache, tokens, logprobs = _decode_slots(
+                self.config, self.params, self._hoisted, self.cache, slots,
+                plan.last_tokens[slots], plan.positions[slots], plan.token_index[slots],
+                _row_params([plan.samples[i] for i in slots]), **static)
         self.cache = self._on_slots(self.cache)
         all_tokens = np.zeros((ec.num_slots, ec.decode_steps), np.int32)
         all_logprobs = np.zeros((ec.num_slots, ec.decode_steps), np.float32)
@@ -319,15 +321,17 @@ class ModelRunner:
         n = ec.num_slots
         idle = dict(last_tokens=np.zeros(n, np.int32), positions=np.full(n, -1, np.int32),
                     token_index=np.zeros(n, np.int32))
-        cache, tokens, _ = _decode(
-            self.config, self.params, self._hoisted, self.cache, *idle.values(),
-            _row_params([None] * n), **static)
-        self.cache = self._on_slots(cache)  # as decode() leaves it, so the next call matches
-        for k in self._compact_sizes:
-            cache, tokens, _ = _decode_slots(
-                self.config, self.params, self._hoisted, self.cache, np.arange(k, dtype=np.int32),
-                *(a[:k] for a in idle.values()), _row_params([None] * k), **static)
-            self.cache = self._on_slots(cache)  # each call sees the cache as decode() leaves it
+        with jax.set_mesh(self.mesh):  # as decode() runs them
+            cache, tokens, _ = _decode(
+                self.config, self.params, self._hoisted, self.cache, *idle.values(),
+                _row_params([None] * n), **static)
+            self.cache = self._on_slots(cache)  # as decode() leaves it, so the next call matches
+            for k in self._compact_sizes:
+                cache, tokens, _ = _decode_slots(
+                    self.config, self.params, self._hoisted, self.cache,
+                    np.arange(k, dtype=np.int32), *(a[:k] for a in idle.values()),
+                    _row_params([None] * k), **static)
+                self.cache = self._on_slots(cache)  # each call sees the cache as decode() leaves it
         np.asarray(tokens)
 
     def _decode_static(self, ring_limit: int | None, row_rings: tuple[int, ...]) -> dict:

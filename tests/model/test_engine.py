@@ -735,12 +735,16 @@ engine = te.make_engine(model, num_slots=8)
 devices = {{d.id for leaf in jax.tree.leaves(engine.cache) for d in leaf.sharding.device_set}}
 tokens = {{k[0]: c.tokens for k, c in te.run(engine, requests).items()}}
 out["four"] = dict(devices=len(devices), tokens=tokens)
+# A decode-attention kernel (interpreted) runs on each device's own slots.
+engine = te.make_engine(model, num_slots=8, attention_implementation="pallas_tpu_interpret")
+out["kernel"] = {{k[0]: c.tokens for k, c in te.run(engine, requests).items()}}
 json.dump(dict(out, local=jax.local_device_count()), sys.stdout)
 """
 
 
 def test_engine_spans_forced_host_devices(greedy):
-    """Slots split over 4 (forced CPU) devices give the same greedy tokens as one device.
+    """Slots split over 4 (forced CPU) devices give the same greedy tokens as one device,
+    with XLA's decode attention and with a Pallas kernel split over the devices' slots.
 
     The one-device side is this process's ``greedy`` run (a second engine in the
     subprocess would only compile the same programs again)."""
@@ -765,3 +769,4 @@ def test_engine_spans_forced_host_devices(greedy):
     assert len(out["four"]["tokens"]) == 2 * len(greedy)
     for key, tokens in out["four"]["tokens"].items():  # each prompt runs twice
         assert tokens == greedy[int(key) % len(greedy)].tokens[:24]
+    assert out["kernel"] == out["four"]["tokens"]
