@@ -57,20 +57,30 @@ def static(engine, prompts, lengths, slots) -> tuple[float, int]:
     return seconds, computed
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The mixed workload's options (``benchmarks/bench_tail.py`` replays the same one)."""
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--slots", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--min-tokens", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def workload_lengths(args: argparse.Namespace) -> list[int]:
+    """Each request's ``max_tokens``, drawn with the workload's seed."""
+    rng = np.random.default_rng(args.seed)
+    return rng.integers(args.min_tokens, args.max_tokens + 1, args.requests).tolist()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_workload_args(parser)
     args = parser.parse_args()
 
     config = common.workload_config()
     params = common.workload_params(config)
-    rng = np.random.default_rng(args.seed)
-    lengths = rng.integers(args.min_tokens, args.max_tokens + 1, args.requests).tolist()
+    lengths = workload_lengths(args)
     prompts = common.token_prompts(args.requests, args.prompt, config.vocab_size, args.seed)
     engine = common.make_engine(config, params, num_slots=args.slots, decode_steps=32)
     # Same compiled programs (they are keyed by shapes), arrival-order admission.

@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import bench_mixed, common  # noqa: E402
 
 
 def round_cost(engine_of, busy: list[int], r1: int, r2: int, steps: int, prompt: int,
@@ -83,12 +83,7 @@ def static_cost(rounds_needed: list[int], slots: int, full: float) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--slots", type=int, default=32)
-    parser.add_argument("--prompt", type=int, default=16)
-    parser.add_argument("--min-tokens", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
+    bench_mixed.add_workload_args(parser)
     parser.add_argument("--steps", type=int, default=32, help="decode steps per round")
     args = parser.parse_args()
 
@@ -112,8 +107,7 @@ def main():
     def rows_only(k: int) -> float:
         return full * k / args.slots
 
-    rng = np.random.default_rng(args.seed)  # bench_mixed's draw
-    lengths = rng.integers(args.min_tokens, args.max_tokens + 1, args.requests).tolist()
+    lengths = bench_mixed.workload_lengths(args)
     needed = [math.ceil((n - 1) / args.steps) for n in lengths]
     static = static_cost(needed, args.slots, full)
     orders = {"arrival": needed, "longest_first": sorted(needed, reverse=True)}

@@ -24,46 +24,33 @@ from __future__ import annotations
 
 import functools
 import importlib
-import logging
 
 import jax
 import jax.numpy as jnp
 
+from griffin_batch.kernels import backends
 from griffin_batch.kernels.decode_attention import reference
 
 KERNELS = ("pallas_tpu", "pallas_gpu")
 _INTERPRETED = {f"{name}_interpret": name for name in KERNELS}
 IMPLEMENTATIONS = ("xla", *KERNELS, *_INTERPRETED)
-_AUTO = (None, "auto")
-_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
-_NEEDS_PLATFORM = {"pallas_tpu": ("TPU", ("tpu",)), "pallas_gpu": ("GPU", _GPU_PLATFORMS)}
 _INPUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _MODULES = {name: f"griffin_batch.kernels.decode_attention.{name}" for name in KERNELS}
-
-_log = logging.getLogger(__name__)
-
-
-def _platform() -> str:
-    return jax.default_backend()
 
 
 @functools.cache
 def _pallas_gpu_compiles() -> bool:
-    """Whether the Triton kernel compiles on this GPU (compile only, never runs)."""
-    try:
-        pallas_gpu = importlib.import_module(_MODULES["pallas_gpu"])
-        q = jax.ShapeDtypeStruct((2, 10, 256), jnp.bfloat16)
-        ring = jax.ShapeDtypeStruct((2, 2049, 256), jnp.bfloat16)
-        lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
-        pallas_gpu.attend.lower(q, ring, ring, lengths).compile()
-        return True
-    except Exception as err:  # any failure (no Triton, old driver, ...) means fall back
-        _log.warning("decode_attention: Pallas Triton kernel unavailable (%s); using xla", err)
-        return False
+    """Whether the Triton kernel compiles on this GPU, at RecurrentGemma-2B's decode shapes."""
+    q = jax.ShapeDtypeStruct((2, 10, 256), jnp.bfloat16)
+    ring = jax.ShapeDtypeStruct((2, 2049, 256), jnp.bfloat16)
+    lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
+    return backends.compiles("decode_attention", lambda: importlib.import_module(
+        _MODULES["pallas_gpu"]).attend.lower(q, ring, ring, lengths), fallback="xla")
 
 
 def resolve_implementation(name: str | None = None, *, platform: str | None = None) -> str:
-    """Maps a requested implementation (None or "auto" included) to a concrete name.
+    """Maps a requested implementation (None or "auto" included) to a concrete name:
+    the Pallas kernel on TPU and on GPU (where it compiles), XLA elsewhere.
 
     Args:
       name: one of ``IMPLEMENTATIONS``, or None / "auto" for the best on ``platform``.
@@ -75,30 +62,9 @@ def resolve_implementation(name: str | None = None, *, platform: str | None = No
     Raises:
       ValueError: ``name`` is not a known implementation.
     """
-    if name not in _AUTO:
-        if name not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"decode_attention: unknown implementation {name!r}; expected None, 'auto' "
-                f"or one of {IMPLEMENTATIONS}")
-        return name
-    platform = platform or _platform()
-    if platform == "tpu":
-        return "pallas_tpu"
-    if platform in _GPU_PLATFORMS:
-        return "pallas_gpu" if _pallas_gpu_compiles() else "xla"
-    return "xla"
-
-
-def _check_runnable(implementation: str, interpret: bool) -> None:
-    """Fails fast when an explicitly requested kernel cannot run on this platform."""
-    if implementation not in _NEEDS_PLATFORM or interpret:
-        return
-    label, platforms = _NEEDS_PLATFORM[implementation]
-    if _platform() not in platforms:
-        raise RuntimeError(
-            f"decode_attention: implementation {implementation!r} needs a {label} backend; "
-            f"found {_platform()}. Use implementation='xla' (or None for the best "
-            "available), or pass interpret=True to run the kernel in the Pallas interpreter.")
+    return backends.resolve("decode_attention", name, IMPLEMENTATIONS, platform=platform,
+                            cpu="xla", gpu_fallback="xla",
+                            triton_compiles=lambda: _pallas_gpu_compiles())
 
 
 def is_kernel(implementation: str) -> bool:
@@ -187,7 +153,7 @@ def decode_attention(
     if name in _INTERPRETED:
         name, interpret = _INTERPRETED[name], True
     _validate(q, keys, values, lengths, block_size, name)
-    _check_runnable(name, interpret)
+    backends.check_runnable("decode_attention", name, interpret, portable="xla")
     if name == "xla":
         return reference.attend(q, keys, values, lengths.astype(jnp.int32))
     module = importlib.import_module(_MODULES[name])

@@ -22,17 +22,14 @@ from __future__ import annotations
 
 import functools
 import importlib
-import logging
 
 import jax
 import jax.numpy as jnp
 
+from griffin_batch.kernels import backends
 from griffin_batch.kernels.rglru_scan import block_sizes as bs
 
 IMPLEMENTATIONS = ("reference", "sequential", "associative", "pallas_tpu", "pallas_gpu")
-_AUTO = (None, "auto")
-_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
-_NEEDS_PLATFORM = {"pallas_tpu": ("TPU", ("tpu",)), "pallas_gpu": ("GPU", _GPU_PLATFORMS)}
 _INPUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 # Auto choice on CPU, from benchmarks/bench_scan.py on a shared 2-core x86 host (float32,
@@ -49,25 +46,14 @@ _INPUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _CPU_CHOICE = "sequential"
 _MODULES = {name: f"griffin_batch.kernels.rglru_scan.{name}" for name in IMPLEMENTATIONS}
 
-_log = logging.getLogger(__name__)
-
-
-def _platform() -> str:
-    return jax.default_backend()
-
 
 @functools.cache
 def _pallas_gpu_compiles() -> bool:
     """Whether the Triton kernel compiles on this GPU (compile only, never runs)."""
-    try:
-        pallas_gpu = importlib.import_module(_MODULES["pallas_gpu"])
-        x = jax.ShapeDtypeStruct((1, 8, 128), jnp.float32)
-        h0 = jax.ShapeDtypeStruct((1, 128), jnp.float32)
-        pallas_gpu.scan.lower(x, x, h0).compile()
-        return True
-    except Exception as err:  # any failure (no Triton, old driver, ...) means fall back
-        _log.warning("rglru_scan: Pallas Triton kernel unavailable (%s); using associative", err)
-        return False
+    x = jax.ShapeDtypeStruct((1, 8, 128), jnp.float32)
+    h0 = jax.ShapeDtypeStruct((1, 128), jnp.float32)
+    return backends.compiles("rglru_scan", lambda: importlib.import_module(
+        _MODULES["pallas_gpu"]).scan.lower(x, x, h0), fallback="associative")
 
 
 def resolve_implementation(name: str | None = None, *, platform: str | None = None) -> str:
@@ -83,35 +69,11 @@ def resolve_implementation(name: str | None = None, *, platform: str | None = No
     Raises:
       ValueError: ``name`` is not a known implementation.
     """
-    if name not in _AUTO:
-        if name not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"rglru_scan: unknown implementation {name!r}; expected None, 'auto' or one "
-                f"of {IMPLEMENTATIONS}"
-            )
-        return name
-    platform = platform or _platform()
-    if platform == "tpu":
-        return "pallas_tpu"
-    if platform in _GPU_PLATFORMS:
-        # Unmeasured (no GPU here): the Triton kernel streams x and a once, where the
-        # associative scan makes ~2 log2(t) passes; the latter is the portable fallback.
-        return "pallas_gpu" if _pallas_gpu_compiles() else "associative"
-    return _CPU_CHOICE
-
-
-def _check_runnable(implementation: str, interpret: bool) -> None:
-    """Fails fast when an explicitly requested kernel cannot run on this platform."""
-    if implementation not in _NEEDS_PLATFORM or interpret:
-        return
-    label, platforms = _NEEDS_PLATFORM[implementation]
-    platform = _platform()
-    if platform not in platforms:
-        raise RuntimeError(
-            f"rglru_scan: implementation {implementation!r} needs a {label} backend; found "
-            f"{platform}. Use implementation='reference' (or None to pick the fastest "
-            "available), or pass interpret=True to run the kernel in the Pallas interpreter."
-        )
+    # GPU, unmeasured (no GPU here): the Triton kernel streams x and a once, where the
+    # associative scan makes ~2 log2(t) passes; the latter is the portable fallback.
+    return backends.resolve("rglru_scan", name, IMPLEMENTATIONS, platform=platform,
+                            cpu=_CPU_CHOICE, gpu_fallback="associative",
+                            triton_compiles=lambda: _pallas_gpu_compiles())
 
 
 def _validate(x: jax.Array, a: jax.Array, h0: jax.Array | None) -> None:
@@ -188,7 +150,7 @@ def rglru_scan(
     h0 = None if h0 is None else jnp.asarray(h0)
     _validate(x, a, h0)
     name = resolve_implementation(implementation)
-    _check_runnable(name, interpret)
+    backends.check_runnable("rglru_scan", name, interpret, portable="reference")
     if block_sizes is not None:
         block_sizes.validate(x.shape, name)
     b, t, e = x.shape

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -197,6 +198,19 @@ def test_auto_choice_per_platform():
     assert api.resolve_implementation(None, platform="cpu") == "xla"
     assert api.resolve_implementation("auto", platform="tpu") == "pallas_tpu"
     assert api.resolve_implementation("pallas_gpu", platform="cpu") == "pallas_gpu"
+    for compiles, choice in ((True, "pallas_gpu"), (False, "xla")):
+        with mock.patch.object(api, "_pallas_gpu_compiles", return_value=compiles):
+            assert api.resolve_implementation(platform="cuda") == choice
+
+
+def test_a_triton_kernel_that_fails_to_compile_means_fall_back(caplog):
+    from griffin_batch.kernels import backends
+
+    def lower():
+        raise RuntimeError("no Triton here")
+
+    assert not backends.compiles("decode_attention", lower, fallback="xla")
+    assert "Pallas Triton kernel unavailable (no Triton here); using xla" in caplog.text
     assert set(api.IMPLEMENTATIONS) == {"xla", "pallas_tpu", "pallas_gpu",
                                         "pallas_tpu_interpret", "pallas_gpu_interpret"}
 
