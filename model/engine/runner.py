@@ -234,8 +234,8 @@ class ModelRunner:
         on_cpu = self.mesh.devices.flat[0].platform == "cpu"
         self._hoisted = jax.jit(griffin.hoist)(self.params) if on_cpu else {}
         # Each slot attends over its own ring length. On TPU/GPU a Pallas
-        # kernel reads each row's filled slots itself, so decode needs no ring
-        # bucket and compiles once. With XLA, on CPU, a loop over slots picks a
+        # kernel reads each row's filled ring entries itself, so decode needs no
+        # ring bucket and compiles once. With XLA, on CPU, a loop over slots picks a
         # branch per bucket; elsewhere XLA's per-slot loop would run one small
         # kernel per slot, so decode attends over the batch's ring bucket.
         self._attention = decode_attention_api.resolve_implementation(
