@@ -233,9 +233,9 @@ def test_few_slots_decode_as_a_smaller_batch_with_the_same_results(model, monkey
         assert diff <= 1e-5
 
 
-def test_compile_decode_leaves_no_decode_program_to_compile_mid_run(model):
-    """``Engine.compile_decode`` compiles both decode paths at every ring bucket, on idle
-    slots: a run afterwards compiles no decode program and gives the same tokens."""
+def test_compile_decode_leaves_no_decode_program_to_compile_mid_run(model, greedy):
+    """``Engine.compile_decode`` compiles every decode path at every ring bucket, on idle
+    slots: a run afterwards compiles no decode program and gives the same greedy tokens."""
     requests = [req(i, p, max_tokens=20 + 9 * i) for i, p in enumerate(PROMPTS)]
     engine = make_engine(model, num_slots=8, min_ring=8)  # rings 8, 12, ... the window
     engine.compile_decode()
@@ -245,8 +245,8 @@ def test_compile_decode_leaves_no_decode_program_to_compile_mid_run(model):
     after = engine.compile_counts()
     assert (after["_decode"], after["_decode_slots"]) == (
         compiled["_decode"], compiled["_decode_slots"]), (compiled, after)
-    cold = run(make_engine(model, num_slots=8, min_ring=8), requests)
-    assert {k: c.tokens for k, c in warmed.items()} == {k: c.tokens for k, c in cold.items()}
+    for i, g in enumerate(greedy):  # greedy tokens depend on neither slots nor warm-up
+        assert warmed[(str(i), 0)].tokens == g.tokens[: 20 + 9 * i], i
 
 
 @pytest.mark.parametrize("kernel", ["pallas_tpu_interpret", "pallas_gpu_interpret"])
@@ -737,7 +737,7 @@ tokens = {{k[0]: c.tokens for k, c in te.run(engine, requests).items()}}
 out["four"] = dict(devices=len(devices), tokens=tokens)
 # A decode-attention kernel (interpreted) runs on each device's own slots.
 engine = te.make_engine(model, num_slots=8, attention_implementation="pallas_tpu_interpret")
-out["kernel"] = {{k[0]: c.tokens for k, c in te.run(engine, requests).items()}}
+out["kernel"] = {{k[0]: c.tokens for k, c in te.run(engine, requests[:4]).items()}}
 json.dump(dict(out, local=jax.local_device_count()), sys.stdout)
 """
 
@@ -769,4 +769,4 @@ def test_engine_spans_forced_host_devices(greedy):
     assert len(out["four"]["tokens"]) == 2 * len(greedy)
     for key, tokens in out["four"]["tokens"].items():  # each prompt runs twice
         assert tokens == greedy[int(key) % len(greedy)].tokens[:24]
-    assert out["kernel"] == out["four"]["tokens"]
+    assert out["kernel"] == {k: v for k, v in out["four"]["tokens"].items() if int(k) < 4}
