@@ -283,6 +283,13 @@ def _row_attention(q, position, keys, values, num_tokens, *, window: int, dtype)
     return probs @ values.astype(dtype)
 
 
+def _filled(positions: at.Positions, num_tokens: at.NumTokens, ring_len: int) -> jax.Array:
+    """[b] ring slots each decoding row attends to right after its write: slots fill
+    from 0 until the ring wraps, and all of them are then inside the window; 0 for an
+    inactive row (position -1)."""
+    return jnp.where(positions[:, 0] >= 0, jnp.minimum(num_tokens, ring_len), 0)
+
+
 def _decode_attention_per_row(q, positions, keys, values, num_tokens, *,
                               rings: tuple[int, ...], window: int, dtype):
     """``_decode_attention`` with each row's own ring length: the shortest of
@@ -297,7 +304,7 @@ def _decode_attention_per_row(q, positions, keys, values, num_tokens, *,
     whole ring into the loop first.
     """
     # An inactive row (position -1) attends to nothing anyone reads: the shortest.
-    need = jnp.where(positions[:, 0] >= 0, jnp.minimum(num_tokens, window + 1), 0)
+    need = _filled(positions, num_tokens, window + 1)
     pick = jnp.minimum(jnp.searchsorted(jnp.asarray(rings, jnp.int32), need), len(rings) - 1)
 
     def branch(limit):
@@ -374,11 +381,9 @@ class LocalAttentionBlock(nn.Module):
             ring = (q, positions, new_cache.keys, new_cache.values, new_cache.num_tokens)
             kernel = decode_attention_api.resolve_implementation(self.attention_implementation)
             if decode_attention_api.is_kernel(kernel):
-                # Right after the write, every filled slot is inside the window.
-                lengths = jnp.where(positions[:, 0] >= 0,
-                                    jnp.minimum(new_cache.num_tokens, ring_len), 0)
                 encoded = decode_attention_api.decode_attention(
-                    q[:, 0], new_cache.keys, new_cache.values, lengths,
+                    q[:, 0], new_cache.keys, new_cache.values,
+                    _filled(positions, new_cache.num_tokens, ring_len),
                     implementation=kernel, batch_axis=sharding.DATA)[:, None]
             elif row_rings:
                 encoded = _decode_attention_per_row(*ring, rings=row_rings, window=window,
