@@ -325,6 +325,17 @@ def random_params(
     return build(checkpoint.param_shapes(config))
 
 
+def noisy_params(config: GriffinConfig, *, seed: int = 0, noise: float = 0.3) -> dict[str, Any]:
+    """``random_params`` with ``noise``-sized Gaussian noise on every leaf, as NumPy arrays.
+
+    For tests that compare tokens: with no leaf near its initial value, greedy
+    decoding does not collapse into one-token loops, and a wrong weight cannot
+    hide behind a zero. NumPy throughout, so it costs milliseconds, where
+    ``griffin.init_params`` traces the whole model.
+    """
+    return perturb(random_params(config, seed=seed), seed=seed + 1, noise=noise)
+
+
 def perturb(params: Any, *, seed: int = 0, noise: float = 0.02) -> Any:
     """Adds ``noise``-sized Gaussian noise to every leaf (e.g. to the reference's zero biases)."""
     rng = np.random.default_rng(seed)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from recurrentgemma import jax as rg
 
-from griffin_batch.model import griffin
+from griffin_batch.model import griffin, testing
 from griffin_batch.model.config import ATTENTION, RECURRENT, GriffinConfig
 
 F32_TOL = 1e-4
@@ -54,12 +54,7 @@ def reference_config(cfg: GriffinConfig) -> rg.GriffinConfig:
 
 def noisy_params(cfg: GriffinConfig, seed: int = 0, scale: float = 0.2):
     """Random params with every leaf perturbed (the reference init zeroes biases and scales)."""
-    # jit: eager Flax init dispatches op by op (seconds per config); any values do here.
-    params = jax.jit(griffin.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    return jax.tree.unflatten(
-        tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)])
+    return jax.tree.map(jnp.asarray, testing.noisy_params(cfg, seed=seed, noise=scale))
 
 
 @functools.cache

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from griffin_batch.model import griffin
+from griffin_batch.model import griffin, testing
 from griffin_batch.model.config import ATTENTION, RECURRENT, GriffinConfig
 from griffin_batch.model.engine import ring_buckets
 
@@ -29,12 +29,8 @@ _apply = jax.jit(functools.partial(griffin.apply, CONFIG),
 
 
 def _noisy_params():
-    params = griffin.init_params(CONFIG, jax.random.PRNGKey(0))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    # Zero-initialised scales and biases would hide mistakes: perturb every leaf.
-    return tree.unflatten([p + 0.3 * jax.random.normal(k, p.shape)
-                           for p, k in zip(leaves, keys, strict=True)])
+    # Zero-initialised scales and biases would hide mistakes: every leaf is perturbed.
+    return jax.tree.map(jnp.asarray, testing.noisy_params(CONFIG, noise=0.3))
 
 
 def test_per_row_rings_decode_like_the_whole_ring():
