@@ -134,7 +134,7 @@ class Griffin(nn.Module):
 
 # Compiled: run eagerly, Flax's init dispatches its ~200 small ops one by one, which takes
 # longer than compiling them as one program (9.5 s against 4 s for the demo model).
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("dtype",))
+@functools.partial(jax.jit, static_argnums=(0, 2))  # config, dtype (by position or name)
 def init_params(config: GriffinConfig, key: jax.Array, dtype=jnp.float32) -> at.Params:
     """Random parameters with the reference's initialisers (zeros for biases and scales)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
