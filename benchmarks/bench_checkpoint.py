@@ -15,7 +15,7 @@ An untimed warm-up job (checkpoints every half second) fills a shared JAX
 compilation cache, so no timed worker compiles. Then the two settings run on
 one local Ray cluster, ``--repeats`` 3 times each, alternately in ABBA order
 (none, every, every, none, none, every) so a drift in the machine's load weighs on
-both alike. Each figure is the job's generation time (``summary.json``:
+both alike. Each figure is the job's generation time (``_summary.json``:
 ``generation_s - startup_s``, first ready worker to last commit). The ratio
 is the median with checkpoints over the median without. Target: <= 1.05.
 

@@ -11,7 +11,7 @@ worker with 32 slots; one row of ``--long-tokens`` new tokens plus
 column), in one Parquet file. Three jobs on one local Ray cluster, side by
 side: the long row alone, then everything with 8-row shards, then with 1-row
 shards. Each figure is the job's generation time from its first ready worker
-to its last commit (``summary.json``: ``generation_s - startup_s``), so Ray's
+to its last commit (``_summary.json``: ``generation_s - startup_s``), so Ray's
 start-up is left out. Each job starts a fresh worker, which would compile the
 engine's programs again inside that window (more prefill shapes for the mixed
 jobs than for the long row alone): the workers share a JAX persistent

@@ -22,7 +22,7 @@ Figures:
 
 * ``identical``: B's row equals A's token for token.
 * ``ratio``: B's job time over A's (each ``generation_s - startup_s`` of its
-  ``summary.json``: first ready worker to last commit), so B's includes
+  ``_summary.json``: first ready worker to last commit), so B's includes
   starting the replacement worker; ``replacement_ready_s``: from the kill
   until the replacement answers its heartbeat (model loaded).
 * ``generated_before_kill``: estimated from the worker's heartbeat (engine

@@ -582,7 +582,7 @@ def share_compilation_cache(directory: str) -> None:
 
 
 def job_seconds(summary: dict[str, Any]) -> float:
-    """A job's generation time: first ready worker to last commit (``summary.json``)."""
+    """A job's generation time: first ready worker to last commit (``_summary.json``)."""
     return summary["generation_s"] - (summary["startup_s"] or 0.0)
 
 

@@ -5,7 +5,7 @@
 Leaves a request in the output's manifest; the running driver (on any machine)
 sees it within seconds, lets no new shard start, has each busy worker write a
 progress checkpoint of its shards and stop, records ``cancelled`` in
-``summary.json`` and exits 130. ``--resume`` finishes the job from there.
+``_summary.json`` and exits 130. ``--resume`` finishes the job from there.
 """
 
 from __future__ import annotations

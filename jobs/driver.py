@@ -45,7 +45,7 @@ class JobResult:
 
     Attributes:
       output: Output directory URL.
-      summary: Contents of ``summary.json``.
+      summary: Contents of ``_summary.json``.
       succeeded: Every shard is committed.
       fatal: Why the job stopped early (a worker that cannot start, e.g. a
         missing package or checkpoint on its host; the cluster lost), or None.
@@ -69,7 +69,7 @@ class Variant(Protocol):
     as OpenAI batch files do), ``fingerprint`` joins the options a ``--resume`` must
     keep, every shard runs with ``shard_options``, and ``finish`` runs once every
     shard is committed (on every run that gets there, a resumed one included); what
-    it returns joins ``summary.json``.
+    it returns joins ``_summary.json``.
     """
 
     def stage(self, config: config_lib.JobConfig, say: Say
@@ -494,7 +494,7 @@ def build_summary(
     config: config_lib.JobConfig, plan: planner.JobPlan, state: _RunState, wall_s: float,
     status: str | None = None,
 ) -> dict[str, Any]:
-    """The contents of ``summary.json``, rewritten while the job runs (``jobs.lifecycle``).
+    """The contents of ``_summary.json``, rewritten while the job runs (``jobs.lifecycle``).
 
     ``status`` names a moment the driver passes through (``validating``,
     ``finalizing``); None: the run's own state, or its final one once its loop

@@ -6,7 +6,7 @@
 ``python -m griffin_batch.jobs.generate`` runs the same, and so does
 ``ray job submit -- griffin-batch generate ...`` (see the README).
 
-Exit status: 0 all shards committed; 1 some shard failed (see summary.json);
+Exit status: 0 all shards committed; 1 some shard failed (see _summary.json);
 2 bad job input, no reachable cluster, or a worker that cannot start (a
 missing package or checkpoint on its host: no retry fixes it); 3 the Ray
 cluster stopped answering mid-run (its GCS or this machine's raylet accepted no
@@ -26,7 +26,7 @@ from typing import NoReturn
 
 from griffin_batch.actors import columns
 from griffin_batch.jobs import config as config_lib
-from griffin_batch.jobs import driver, show
+from griffin_batch.jobs import driver, manifest, show
 from griffin_batch.model import dtypes, engine_config
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_INPUT, EXIT_CLUSTER_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -382,7 +382,7 @@ def _report(result: driver.JobResult, prog: str) -> int:
         f"{s['shards']['committed']} of {s['shards']['total']} shard file(s), to {result.output}"
     )
     print(
-        f"summary: {result.output.rstrip('/')}/summary.json "
+        f"summary: {result.output.rstrip('/')}/{manifest.SUMMARY_FILE} "
         f"({s['completion_tokens']} tokens, {s['tokens_per_s']} tok/s, "
         f"{s['wall_time_s']}s)"
     )
@@ -399,7 +399,7 @@ def _report(result: driver.JobResult, prog: str) -> int:
         return EXIT_BAD_INPUT
     if not result.succeeded:
         print(
-            f"{s['shards']['failed']} shard(s) failed; see summary.json 'failures'; "
+            f"{s['shards']['failed']} shard(s) failed; see {manifest.SUMMARY_FILE} 'failures'; "
             "rerun with --resume to retry them",
             file=sys.stderr,
         )

@@ -1,4 +1,4 @@
-"""A job's state, as hosted batch APIs name it, kept in ``summary.json`` while the job runs.
+"""A job's state, as hosted batch APIs name it, kept in ``_summary.json`` while the job runs.
 
 ``validating`` (inputs planned, workers starting) -> ``in_progress`` (a worker
 is ready) -> ``finalizing`` (writing the summary, removing progress files) ->
@@ -30,7 +30,7 @@ RUNNING = (VALIDATING, IN_PROGRESS, FINALIZING)
 FINAL = (COMPLETED, PARTIALLY_COMPLETED, FAILED, CANCELLED)
 
 SUMMARY_EVERY_S = 10.0
-"""How often a running job rewrites ``summary.json`` (and looks for a cancel request)."""
+"""How often a running job rewrites ``_summary.json`` (and looks for a cancel request)."""
 
 
 def final_status(*, cancelled: bool, stopped_early: bool, failed_shards: int,

@@ -14,7 +14,7 @@ Layout::
     <output>/output.jsonl, errors.jsonl  OpenAI batch output records (``--output-format``)
     <output>/_deduplicated/              ``synthesize``'s rows left by ``--dedup``, and what it removed
     <output>/_stages/<stage>/            ``summarize``'s earlier stages, each a job directory of its own
-    <output>/summary.json                the job's state, rewritten while it runs
+    <output>/_summary.json               the job's state, rewritten while it runs
     <output>/_SUCCESS                    written at the end when every shard committed
 
 The output is never the root of a bucket or of a file system, and never holds
@@ -43,7 +43,7 @@ Exactly once, verified:
   (size, footer rows, SHA-256 of the whole file); one that is missing or
   differs loses its file and record, with a warning naming what differed, and
   is redone like every shard without a record. The plan's ``part-`` files
-  without a record, ``_attempts/``, ``_temporary/``, ``summary.json`` and
+  without a record, ``_attempts/``, ``_temporary/``, ``_summary.json`` and
   ``_SUCCESS`` are removed; ``_manifest/`` and ``_progress/`` are kept, and so
   is anything this tool does not write. Version-1 records
   (written before attempt files: no size, no checksum) are verified by what
@@ -107,7 +107,13 @@ gives each committed row once."""
 STAGES_DIR = "_stages"
 """Earlier stages of a multi-stage job (``summarize --mode map-reduce``), each an output
 directory with its own manifest and lease; ``prepare`` leaves it to them."""
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = "_summary.json"
+"""The job's state, rewritten while it runs (``jobs.lifecycle``); ``_``-prefixed like every
+other file beside the parts, so that ``pandas.read_parquet(output)`` and
+``pyarrow.dataset`` skip it and read the output directory as the table of its rows."""
+LEGACY_SUMMARY_FILE = "summary.json"
+"""The summary's name up to version 0.1.0, which made the output directory unreadable as a
+Parquet dataset. Read where there is no ``SUMMARY_FILE``; removed on resume like any stray."""
 SUCCESS_FILE = "_SUCCESS"
 MANIFEST_VERSION = 2
 """2: commit records carry the final file's size and SHA-256 and its attempt file."""
@@ -124,8 +130,8 @@ VERIFY_THREADS = 8
 """Committed parts re-verified at once on ``--resume`` (object-store reads are latency-bound)."""
 
 # Left by an interrupted run, removed on resume (with ``part-`` files without a record).
-_STRAYS = (output.TEMP_DIR, output.ATTEMPTS_DIR, SUCCESS_FILE, SUMMARY_FILE, BATCH_OUTPUT_FILE,
-           BATCH_ERRORS_FILE, DEDUP_DIR)
+_STRAYS = (output.TEMP_DIR, output.ATTEMPTS_DIR, SUCCESS_FILE, SUMMARY_FILE, LEGACY_SUMMARY_FILE,
+           BATCH_OUTPUT_FILE, BATCH_ERRORS_FILE, DEDUP_DIR)
 
 # What a run writes directly in its output besides its parts; ``--overwrite`` may delete these.
 _RUN_NAMES = frozenset({*_STRAYS, shards.PROGRESS_DIR, MANIFEST_DIR})
@@ -138,6 +144,25 @@ _MANIFEST_NAMES = frozenset(
 _SINGLE_ROOT_PROTOCOLS = frozenset({None, "file", "local", "memory"})
 
 _NAMES_SHOWN = 5
+
+
+def read_summary(fs: fsspec.AbstractFileSystem, directory: str) -> dict[str, Any]:
+    """The job summary in output ``directory`` (``SUMMARY_FILE``, else ``LEGACY_SUMMARY_FILE``).
+
+    Raises FileNotFoundError when it holds neither, ValueError when the file is not a JSON
+    object, and OSError when the store cannot be read.
+    """
+    directory = directory.rstrip("/")
+    for name in (SUMMARY_FILE, LEGACY_SUMMARY_FILE):
+        try:
+            data = fs.cat_file(f"{directory}/{name}")
+        except FileNotFoundError:
+            continue
+        summary = json.loads(data)
+        if not isinstance(summary, dict):
+            raise ValueError(f"{directory}/{name} holds {type(summary).__name__}, not a JSON object")
+        return summary
+    raise FileNotFoundError(f"{directory}/{SUMMARY_FILE}")
 
 
 class LeaseLost(config_lib.JobInputError):
@@ -493,7 +518,7 @@ class OutputDir:
             self.fs.rm(path, recursive=True)
 
     def put_summary(self, summary: Mapping[str, Any]) -> None:
-        """Rewrites ``summary.json`` while the job runs (``jobs.lifecycle``)."""
+        """Rewrites ``_summary.json`` while the job runs (``jobs.lifecycle``)."""
         self._put(SUMMARY_FILE, summary)
 
     def cancel_requested(self) -> dict[str, Any] | None:
@@ -507,7 +532,7 @@ class OutputDir:
         return record if isinstance(record, dict) else {}
 
     def write_summary(self, summary: Mapping[str, Any], *, success: bool) -> None:
-        """Writes ``summary.json`` and, when every shard is committed, ``_SUCCESS``.
+        """Writes ``_summary.json`` and, when every shard is committed, ``_SUCCESS``.
 
         Also removes ``_attempts/`` (what late or failed attempts left) and ``_temporary/``.
         """

@@ -1,14 +1,13 @@
 """Jobs that run in stages (``summarize --mode map-reduce``): where each stage runs, which one runs now.
 
 An earlier stage is an ordinary job directory under ``<output>/_stages/<name>/``
-(``manifest.STAGES_DIR``), with its own plan, lease and ``summary.json``; the
+(``manifest.STAGES_DIR``), with its own plan, lease and ``_summary.json``; the
 last stage runs in ``<output>`` itself. ``current`` tells ``griffin-batch
 status`` and ``cancel`` which of them to read, from the output directory alone.
 """
 
 from __future__ import annotations
 
-import json
 import posixpath
 
 import fsspec
@@ -22,7 +21,7 @@ def stage_url(output_url: str, name: str) -> str:
 
 
 def current(output_url: str) -> str:
-    """The directory whose ``summary.json`` describes the job in ``output_url`` now.
+    """The directory whose ``_summary.json`` describes the job in ``output_url`` now.
 
     ``output_url`` itself once its last stage has a summary newer than every earlier
     stage's (or when it has no stages); else the stage whose summary was updated
@@ -45,7 +44,6 @@ def current(output_url: str) -> str:
 
 def _updated_at(fs: fsspec.AbstractFileSystem, directory: str) -> float | None:
     try:
-        summary = json.loads(fs.cat_file(f"{directory}/{manifest.SUMMARY_FILE}"))
-        return float(summary.get("updated_at", 0.0))
+        return float(manifest.read_summary(fs, directory).get("updated_at", 0.0))
     except (OSError, ValueError, TypeError, AttributeError):
         return None

@@ -2,7 +2,7 @@
 
     griffin-batch status gs://bucket/completions/run-1
 
-Reads ``summary.json``, which a running driver rewrites every few seconds, so
+Reads ``_summary.json``, which a running driver rewrites every few seconds, so
 it works from any machine that can read the output. Exit status 0 when the
 job has completed, 3 while it runs, 1 otherwise (ended short, or no job there).
 """
@@ -24,7 +24,7 @@ EXIT_COMPLETED, EXIT_NOT_COMPLETED, EXIT_RUNNING = 0, 1, 3
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Adds the command's arguments to ``p``."""
     p.add_argument("output", metavar="OUTPUT", help="the job's --output directory URL")
-    p.add_argument("--json", action="store_true", help="print summary.json as it is")
+    p.add_argument("--json", action="store_true", help=f"print {manifest.SUMMARY_FILE} as it is")
 
 
 def run(args: argparse.Namespace, prog: str = "griffin-batch status") -> int:
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace, prog: str = "griffin-batch status") -> int:
     where = stages.current(args.output)  # a staged job's (summarize) running stage
     fs, path = fsspec.core.url_to_fs(where)
     try:
-        summary = json.loads(fs.cat_file(f"{path.rstrip('/')}/{manifest.SUMMARY_FILE}"))
+        summary = manifest.read_summary(fs, path)
     except FileNotFoundError:
         print(f"{prog}: no job in {args.output} (no {manifest.SUMMARY_FILE})", file=sys.stderr)
         return EXIT_NOT_COMPLETED

@@ -164,7 +164,7 @@ class Deduplicator:
 
 @dataclasses.dataclass(frozen=True)
 class Counts:
-    """What a deduplication did (``summary.json``'s ``dedup``)."""
+    """What a deduplication did (``_summary.json``'s ``dedup``)."""
 
     mode: str
     threshold: float | None
@@ -174,7 +174,7 @@ class Counts:
     removed_near: int
 
     def to_summary(self) -> dict[str, Any]:
-        """As written in ``summary.json``."""
+        """As written in ``_summary.json``."""
         return {**dataclasses.asdict(self), "output": f"{manifest.DEDUP_DIR}/"}
 
 

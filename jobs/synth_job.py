@@ -11,7 +11,7 @@ commits, progress checkpoints, ``--resume`` and summary. What differs:
   new seeds before writing a shard (``actors.redraw``); each row records its
   ``attempts``, whether it is ``valid`` and why not (``validation_error``);
 * ``--dedup``: once every shard is committed, the deduplicated rows are written
-  beside the committed parts (``jobs.synth_dedup``); ``summary.json`` counts
+  beside the committed parts (``jobs.synth_dedup``); ``_summary.json`` counts
   what exact and near matching removed, and how many rows are valid.
 """
 

@@ -62,7 +62,7 @@ def test_job_on_an_autoscaling_cluster_gets_nodes_and_gives_them_back(
         released_s = time.monotonic() - ended
 
     assert_exactly_once(read_output(out), ids)
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert summary["status"] == "completed"
     workers = [w for w in summary["workers"] if w["shards"]]
     assert workers and all(w["placed_at_s"] is not None for w in workers)

@@ -7,6 +7,7 @@ import pathlib
 import signal
 import threading
 
+import pandas as pd
 import pytest
 from job_helpers import (
     a_live_worker_pid,
@@ -62,7 +63,7 @@ def test_job_writes_every_row_once(tmp_path, write_parquet, prompts, job_config,
         assert rows[f"a{i}"]["completion_tokens"] == want.tokens
         assert rows[f"a{i}"]["completion"] == want.text != ""
 
-    summary = json.loads(pathlib.Path(f"{out}/summary.json").read_text())
+    summary = json.loads(pathlib.Path(f"{out}/_summary.json").read_text())
     assert summary == result.summary
     assert (summary["rows"], summary["error_rows"], summary["status"]) == (12, 2, "completed")
     assert summary["shards"] == {"total": 4, "committed": 4, "resumed": 0, "run": 4, "failed": 0}
@@ -70,6 +71,12 @@ def test_job_writes_every_row_once(tmp_path, write_parquet, prompts, job_config,
     assert len(summary["workers"]) == 2
     assert sum(w["shards"] for w in summary["workers"]) == 4
     assert os.path.exists(f"{out}/{manifest_lib.SUCCESS_FILE}")
+    # The directory itself reads as the table of its rows: everything beside the parts starts
+    # with "_", which Parquet readers skip (a "summary.json" once made pandas refuse it).
+    names = os.listdir(out)
+    assert "_summary.json" in names and all(n.startswith(("_", "part-")) for n in names), names
+    frame = pd.read_parquet(out)
+    assert sorted(frame["id"]) == sorted(rows)
 
 
 def _start_job(tmp_path, write_parquet, prompts, job_config, num_rows, **cluster):
@@ -166,7 +173,7 @@ def test_shard_that_keeps_failing_is_reported(
     assert code == generate.EXIT_FAILED_SHARDS
     assert "1 shard(s) failed" in capsys.readouterr().err
 
-    summary = json.loads(pathlib.Path(f"{out}/summary.json").read_text())
+    summary = json.loads(pathlib.Path(f"{out}/_summary.json").read_text())
     assert summary["status"] == "partially_completed"  # one shard failed, the rest committed
     assert summary["request_counts"]["failed"] >= 1
     (failure,) = summary["failures"]

@@ -98,12 +98,12 @@ def test_interrupted_job_resumes_without_redoing_committed_shards(
         timeout=600,
     )
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"to {out}" in second.stdout and f"{out}/summary.json" in second.stdout
+    assert f"to {out}" in second.stdout and f"{out}/_summary.json" in second.stdout
     assert f"resuming: {len(before)} of {NUM_ROWS // SHARD_ROWS} shard(s)" in second.stderr
 
     after = _snapshot(out)
     assert {k: after[k] for k in before} == before  # committed shards were not redone
-    summary = json.loads(pathlib.Path(f"{out}/summary.json").read_text())
+    summary = json.loads(pathlib.Path(f"{out}/_summary.json").read_text())
     assert summary["shards"]["resumed"] == len(before)
     assert summary["shards"]["run"] == NUM_ROWS // SHARD_ROWS - len(before)
     assert summary["rows"] == NUM_ROWS

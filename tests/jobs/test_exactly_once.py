@@ -193,10 +193,10 @@ def test_job_on_s3_commits_every_row_once(s3_server, write_parquet, prompts, job
     assert _names(done) == [
         "_SUCCESS",
         manifest.MANIFEST_DIR,
+        "_summary.json",
         "part-00000.parquet",
         "part-00001.parquet",
         "part-00002.parquet",
-        "summary.json",
     ]
     assert "lease.json" not in _names(done, manifest.MANIFEST_DIR)
     for shard_id, record in done.committed().items():

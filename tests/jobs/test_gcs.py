@@ -44,10 +44,10 @@ def test_job_reads_and_writes_gcs(gcs_server, bucket, write_parquet, prompts, jo
     assert names == [
         "_SUCCESS",
         "_manifest",
+        "_summary.json",
         "part-00000.parquet",
         "part-00001.parquet",
         "part-00002.parquet",
-        "summary.json",
     ]
     summary = json.loads(fs.cat_file(f"{out}/{manifest.SUMMARY_FILE}"))
     assert summary["rows"] == 8 and summary["status"] == "completed"

@@ -220,7 +220,7 @@ def test_every_row_class_in_one_job_comes_back_once(tmp_path, ray_address):
                "--max-failures", "0", "--sampling-columns", ",".join(FIELDS)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-4000:]  # two unreadable inputs, all else done
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())
     failed = {f["path"]: f["error"] for f in summary["failures"]}
     assert sorted(failed) == [bad_pages, bad_footer], summary["failures"]
     assert f"cannot read input {bad_pages}" in failed[bad_pages]

@@ -91,7 +91,7 @@ def test_ray_job_submit_as_the_readme_says(ray_head):
     table = pq.read_table(sorted(output.glob("part-*.parquet")))
     rows_in = pq.read_metadata(ROOT / "examples" / "prompts.parquet").num_rows
     assert table.num_rows == rows_in and len(set(table.column("id").to_pylist())) == rows_in
-    summary = json.loads((output / "summary.json").read_text())
+    summary = json.loads((output / "_summary.json").read_text())
     assert summary["status"] == "completed" and summary["rows"] == rows_in
     # The workers imported the shipped package (Ray's runtime resources), not this checkout.
     for worker in summary["workers"]:

@@ -74,7 +74,7 @@ def test_a_cancelled_job_stops_resumably_and_resume_finishes_it(
         progress = pathlib.Path(out, shards.PROGRESS_DIR)
         wait_for(lambda: job.poll() is not None or any(progress.glob("*/*.delta.safetensors")),
                  240, "a progress checkpoint")
-        wait_for(lambda: json.loads(pathlib.Path(out, "summary.json").read_text())["status"]
+        wait_for(lambda: json.loads(pathlib.Path(out, "_summary.json").read_text())["status"]
                  == lifecycle.IN_PROGRESS, 60, "status in_progress")
         assert status.main([out]) == status.EXIT_RUNNING
         assert "status: in_progress" in capsys.readouterr().out
@@ -85,7 +85,7 @@ def test_a_cancelled_job_stops_resumably_and_resume_finishes_it(
     finally:
         if job.poll() is None:
             job.kill()
-    summary = json.loads(pathlib.Path(out, "summary.json").read_text())
+    summary = json.loads(pathlib.Path(out, "_summary.json").read_text())
     assert summary["status"] == lifecycle.CANCELLED and summary["shards"]["failed"] == 0
     assert status.main([out]) == status.EXIT_NOT_COMPLETED
     assert "status: cancelled" in capsys.readouterr().out
@@ -97,7 +97,7 @@ def test_a_cancelled_job_stops_resumably_and_resume_finishes_it(
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_exactly_once(read_output(out), ids)
-    final = json.loads(pathlib.Path(out, "summary.json").read_text())
+    final = json.loads(pathlib.Path(out, "_summary.json").read_text())
     assert final["status"] == lifecycle.COMPLETED
     assert final["request_counts"] == {"total": 4, "completed": 4, "failed": 0}
     records = [json.loads(p.read_text()) for p in pathlib.Path(out, manifest.COMMITS_DIR).glob("*")]

@@ -18,7 +18,7 @@ import pytest
 
 from griffin_batch.actors import output, shards
 from griffin_batch.jobs import config as config_lib
-from griffin_batch.jobs import manifest, planner
+from griffin_batch.jobs import manifest, planner, status
 
 FINGERPRINT = {"sampling": {"max_tokens": 8}, "prompt_column": "prompt"}
 
@@ -162,6 +162,36 @@ def test_overwrite_deletes_the_previous_runs_files_and_keeps_only_the_new_lease(
     assert lease["holder"] == again.holder
     again.release()
     assert not (tmp_path / "out" / manifest.LEASE_FILE).exists()
+
+
+@pytest.mark.parametrize("then", ["resume", "overwrite"])
+def test_a_summary_json_written_up_to_0_1_0_is_read_by_status_and_removed_as_ours(
+    tmp_path, plan, then, capsys
+):
+    """Up to 0.1.0 the summary was ``summary.json``; such a directory still reads, resumes
+    and overwrites, and loses that file (which made it unreadable as a Parquet dataset)."""
+    out = manifest.OutputDir(str(tmp_path / "out"))
+    out.prepare(plan, FINGERPRINT, resume=False, overwrite=False)
+    _commit(out, "00000")
+    _write(out, manifest.LEGACY_SUMMARY_FILE, json.dumps({"status": "completed"}).encode())
+    out.release()
+    assert status.main([out.url, "--json"]) == status.EXIT_COMPLETED
+    assert json.loads(capsys.readouterr().out) == {"status": "completed"}
+
+    again = manifest.OutputDir(out.url)
+    committed = again.prepare(plan, FINGERPRINT, resume=then == "resume", overwrite=then == "overwrite")
+    assert sorted(committed) == (["00000"] if then == "resume" else [])
+    assert manifest.LEGACY_SUMMARY_FILE not in again.entries()
+    again.release()
+
+
+def test_read_summary_names_a_file_that_is_not_a_json_object(tmp_path):
+    (tmp_path / manifest.SUMMARY_FILE).write_text("[1, 2]")
+    fs = fsspec.filesystem("file")
+    with pytest.raises(ValueError, match=r"_summary\.json holds list, not a JSON object"):
+        manifest.read_summary(fs, str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        manifest.read_summary(fs, str(tmp_path / "nothing"))
 
 
 @pytest.mark.parametrize(
@@ -320,7 +350,7 @@ def test_summary_and_success_marker(tmp_path, plan):
     out = manifest.OutputDir(str(tmp_path / "out"))
     out.prepare(plan, FINGERPRINT, resume=False, overwrite=False)
     out.write_summary({"rows": 6}, success=True)
-    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == {"rows": 6}
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text()) == {"rows": 6}
     assert (tmp_path / "out" / manifest.SUCCESS_FILE).exists()
 
 

@@ -61,7 +61,7 @@ def test_whole_slices_are_reserved_with_rays_slice_placement_group(
     assert job.returncode == 0, job.stderr[-3000:]
     assert "starting 2 tpu worker(s) in 1 v5p-16 slice(s) of 2 hosts (2x2x2)" in job.stderr
     assert_exactly_once(read_output(out), ids)
-    summary = json.loads(pathlib.Path(f"{out}/summary.json").read_text())
+    summary = json.loads(pathlib.Path(f"{out}/_summary.json").read_text())
     placed = {w["node_id"] for w in summary["workers"] if w.get("node_id")}
     assert placed == {h.node_id for h in hosts}  # one worker per host of the slice
 
@@ -113,7 +113,7 @@ def test_a_joining_host_gets_a_worker_and_a_lost_one_loses_no_rows(
     assert "the cluster has room for 2 now" in text
 
     assert_exactly_once(read_output(out), ids)
-    summary = json.loads(pathlib.Path(f"{out}/summary.json").read_text())
+    summary = json.loads(pathlib.Path(f"{out}/_summary.json").read_text())
     assert summary["shards"]["committed"] == 20 and summary["status"] == "completed"
     workers = summary["workers"]
     (newcomer,) = [w for w in workers if w.get("node_id") == joined.node_id]
@@ -182,7 +182,7 @@ def test_draining_nodes_hand_their_shards_on_mid_sequence(
             if job.poll() is None:
                 job.kill()
     assert_exactly_once(read_output(out), ids)
-    summary = json.loads(pathlib.Path(f"{out}/summary.json").read_text())
+    summary = json.loads(pathlib.Path(f"{out}/_summary.json").read_text())
     drained = [w for w in summary["workers"] if w["lost"] and "draining" in w["lost"]]
     assert drained and all(w["node_id"] in doomed for w in drained), summary["workers"]
     assert summary["retries"]["preempted"] >= 1 and summary["retries"]["failed"] == 0

@@ -17,7 +17,7 @@ def test_first_rows_in_shard_order_with_prompt_and_error(tmp_path):
     _part(tmp_path, "b", [{"id": "b0", "prompt": "p2", "completion": "", "error": "prompt is null"}])
     _part(tmp_path, "a", [{"id": f"a{i}", "prompt": f"p{i}", "completion": f"line\nnext {i}",
                            "error": None} for i in range(2)])
-    (tmp_path / "summary.json").write_text("{}")  # not a part: ignored
+    (tmp_path / "_summary.json").write_text("{}")  # not a part: ignored
 
     rows = show.first_rows(str(tmp_path), 3)
     assert rows == [
