@@ -11,6 +11,7 @@ downloaded; ``griffin_batch`` is imported from the working tree
      "engine_tokens_per_s": {"64": ..., "256": ...}, "hf_tokens_per_s": {...},
      "vs_hf": {...}, "tokens_per_s_by_output_length": {"1024": ..., ..., "8192": ...},
      "flat_2k_8k": ..., "cache_bytes_per_slot": ..., "decode_attention": ...,
+     "decode_attention_us": {"xla": ..., "pallas_gpu/64": ...}, "decode_attention_best": ...,
      "targets": {...},
      "skipped": {...}, ...}
 
@@ -32,7 +33,11 @@ L (from the previous length; the first from the end of prefill).
 ``decode_attention``: the engine's decode attention here (``pallas_gpu`` when
 the Triton kernel compiles, else ``xla``); for a kernel,
 ``decode_attention_max_abs_diff_vs_xla`` compares it with the XLA formulation
-on the model's decode shapes before the engine runs.
+on the model's decode shapes before the engine runs, and ``decode_attention_us``
+times one call of the XLA formulation and of the kernel at each block size in
+``ATTENTION_BLOCKS`` on the largest batch's rings (lengths from 1 to the full
+ring); ``decode_attention_best`` names the fastest. No kernel has run on a GPU
+before this benchmark: these set its default block and check the auto choice.
 
 Memory: ``cache_bytes_per_slot`` is the engine's whole per-slot state
 (attention rings and recurrent states); ``device_bytes_in_use`` is what the
@@ -56,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -189,10 +195,19 @@ def _sweep(w: Workload, engine, deadline: float) -> dict[str, Any]:
     return record
 
 
-def _attention_check(config) -> dict[str, Any]:
-    """Which decode attention the engine uses here; a Pallas kernel (never run on a GPU
-    before this benchmark's first run) is first compared with the XLA formulation on
-    the model's decode shapes, 8 rows of random lengths, bfloat16."""
+# Ring slots per block tried for each kernel: its default and the powers of two beside it.
+ATTENTION_BLOCKS = {"pallas_gpu": (32, 64, 128), "pallas_tpu": (128, 256, 512)}
+
+
+def _attention_check(config, batch: int = 8, repeats: int = 20) -> dict[str, Any]:
+    """Which decode attention the engine uses here; for a Pallas kernel (never run on a GPU
+    before this benchmark's first run), its difference from the XLA formulation on the
+    model's decode shapes (8 rows of random lengths, bfloat16), then microseconds per call
+    of XLA's formulation and of the kernel at each of ``ATTENTION_BLOCKS`` on ``batch`` rows
+    of full-size rings with lengths drawn from 1 to the ring (rows at every position, as
+    continuous batching has them): the figures that set the kernel's default block and
+    show whether the auto choice of the kernel over XLA holds on this device."""
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
@@ -200,16 +215,37 @@ def _attention_check(config) -> dict[str, Any]:
 
     impl = api.resolve_implementation()
     record: dict[str, Any] = {"phase": "attention", "implementation": impl}
-    if api.is_kernel(impl):
-        rng = np.random.default_rng(0)
-        s, h = config.attention_window_size + 1, config.head_dim
+    if not api.is_kernel(impl):
+        return record
+    rng = np.random.default_rng(0)
+    s, h = config.attention_window_size + 1, config.head_dim
+
+    def inputs(rows: int, low: int):
         q, keys, values = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
-                           for shape in ((8, config.num_heads, h), (8, s, h), (8, s, h)))
-        lengths = jnp.asarray(rng.integers(0, s + 1, 8), jnp.int32)
-        got = api.decode_attention(q, keys, values, lengths, implementation=impl)
-        want = reference.attend(q, keys, values, lengths)
-        record["max_abs_diff_vs_xla"] = float(jnp.max(jnp.abs(
-            got.astype(jnp.float32) - want.astype(jnp.float32))))
+                           for shape in ((rows, config.num_heads, h), (rows, s, h), (rows, s, h)))
+        return q, keys, values, jnp.asarray(rng.integers(low, s + 1, rows), jnp.int32)
+
+    q, keys, values, lengths = inputs(8, 0)
+    got = api.decode_attention(q, keys, values, lengths, implementation=impl)
+    want = reference.attend(q, keys, values, lengths)
+    record["max_abs_diff_vs_xla"] = float(jnp.max(jnp.abs(
+        got.astype(jnp.float32) - want.astype(jnp.float32))))
+
+    args = inputs(batch, 1)
+    kernel = impl.removesuffix("_interpret")
+    candidates = {"xla": ("xla", None)}
+    candidates.update({f"{kernel}/{b}": (impl, b) for b in ATTENTION_BLOCKS[kernel]})
+    us = {}
+    for name, (implementation, block) in candidates.items():
+        fn = jax.jit(functools.partial(api.decode_attention, implementation=implementation,
+                                       block_size=block))
+        fn(*args).block_until_ready()  # compile
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = fn(*args)
+        out.block_until_ready()
+        us[name] = round((time.perf_counter() - start) / repeats * 1e6, 1)
+    record.update(us=us, rows=batch, best=min(us, key=us.get))
     return record
 
 
@@ -220,7 +256,7 @@ def child_engine(w: Workload, workdir: str, deadline: float) -> None:
 
     config, params = checkpoint.load_checkpoint(os.path.join(workdir, HF_CHECKPOINT))
     try:
-        emit_line(_attention_check(config))
+        emit_line(_attention_check(config, batch=max(w.batches)))
     except Exception as e:  # noqa: BLE001 - a kernel failing here must not cost the engine runs
         emit_line({"phase": "attention", "error": _failure(e)})
     engines = {}
@@ -354,6 +390,8 @@ def summarize(w: Workload, lines: list[dict[str, Any]], missing: list[str]) -> d
         "engine_compiles": by_batch(lines, "engine", "compiles"),
         "decode_attention": attention.get("implementation"),
         "decode_attention_max_abs_diff_vs_xla": attention.get("max_abs_diff_vs_xla"),
+        "decode_attention_us": attention.get("us"),
+        "decode_attention_best": attention.get("best"),
         "targets": {"vs_hf_at_largest_batch_at_least_3": vs_hf[top] >= 3 if top in vs_hf
                     else None,
                     "flat_2k_8k_within_10pct": flat >= 0.9 if flat is not None else None},

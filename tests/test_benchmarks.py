@@ -21,7 +21,8 @@ GPU_KEYS = {
     "new_tokens", "batches", "engine_tokens_per_s", "hf_tokens_per_s", "vs_hf", "hf_truncated",
     "sweep_batch", "tokens_per_s_by_output_length", "sweep_complete", "flat_2k_8k",
     "cache_bytes_per_slot", "device_bytes_in_use", "hf_peak_bytes_per_slot", "engine_compiles",
-    "decode_attention", "decode_attention_max_abs_diff_vs_xla", "targets", "skipped", "missing_modules", "torch", "transformers", "phase_s", "wall_s",
+    "decode_attention", "decode_attention_max_abs_diff_vs_xla", "decode_attention_us",
+    "decode_attention_best", "targets", "skipped", "missing_modules", "torch", "transformers", "phase_s", "wall_s",
 }
 
 
@@ -45,6 +46,7 @@ def test_gpu_benchmark_smoke_run_reports_every_key(tmp_path):
     # On CPU the engine's decode attention is XLA's (a GPU picks the Pallas kernel).
     assert line["decode_attention"] == "xla"
     assert line["decode_attention_max_abs_diff_vs_xla"] is None
+    assert line["decode_attention_us"] is None and line["decode_attention_best"] is None
     assert set(line["phase_s"]) == {"prepare", "engine", "hf"}
 
 
@@ -56,10 +58,15 @@ def test_gpu_benchmark_checks_a_kernel_against_xla_before_the_engine_runs(monkey
     from griffin_batch.model import testing
 
     monkeypatch.setattr(api, "resolve_implementation", lambda *a, **k: "pallas_gpu_interpret")
-    record = bench_gpu._attention_check(testing.tiny_config())
+    record = bench_gpu._attention_check(testing.tiny_config(), batch=4, repeats=1)
     print(record)
     assert record["implementation"] == "pallas_gpu_interpret"
     assert 0 <= record["max_abs_diff_vs_xla"] < 2e-2  # bfloat16, a few ulps
+    # Then XLA and the kernel at each block size, timed on the benchmark's batch.
+    blocks = bench_gpu.ATTENTION_BLOCKS["pallas_gpu"]
+    assert set(record["us"]) == {"xla", *(f"pallas_gpu/{b}" for b in blocks)}
+    assert all(t > 0 for t in record["us"].values()) and record["rows"] == 4
+    assert record["best"] == min(record["us"], key=record["us"].get)
 
 
 _HIDE_INSTALL = textwrap.dedent("""
