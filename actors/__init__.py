@@ -6,6 +6,10 @@ Modules: ``worker`` (the actor class), ``rows`` (rows in, rows out),
 output schema and atomic publication), ``shards`` (values exchanged with the driver).
 """
 
-from griffin_batch.actors import batching, columns, output, rows, shards, worker
+import lazy_loader
 
-__all__ = ["batching", "columns", "output", "rows", "shards", "worker"]
+# Submodules import on first use, so importing one does not pay for the others (Ray, pandas,
+# JAX's dtypes): the command line starts in a fraction of a second.
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submodules=[
+    "batching", "columns", "output", "rows", "shards", "worker",
+])

@@ -3,6 +3,10 @@
 This package knows Ray and devices, never model internals.
 """
 
-from griffin_batch.cluster import connect, faults, hardware, pool
+import lazy_loader
 
-__all__ = ["connect", "faults", "hardware", "pool"]
+# Submodules import on first use, so importing one does not pay for the others (Ray, pandas,
+# JAX's dtypes): the command line starts in a fraction of a second.
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submodules=[
+    "connect", "faults", "hardware", "pool",
+])

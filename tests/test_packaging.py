@@ -104,6 +104,27 @@ def test_console_script_and_module_entry_points():
     assert "--input" in mod and "python -m griffin_batch.jobs.generate" in mod
 
 
+# What the command line imports before it runs: the subcommand's module, never the others'.
+_IMPORTS_FOR = """
+import contextlib, io, json, sys
+from griffin_batch.jobs import cli
+argv = json.loads(sys.argv[1])
+with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    cli.main(argv)
+print(json.dumps(sorted(m for m in ("ray", "pandas", "jax", "ml_dtypes") if m in sys.modules)))
+"""
+
+
+@pytest.mark.parametrize("argv, heavy", [
+    (["--help"], []),  # names the subcommands only
+    (["status", "--help"], ["pandas", "ray"]),  # row ids (pandas), the fault classes (Ray)
+])
+def test_command_line_imports_only_what_its_subcommand_needs(argv, heavy):
+    # All five subcommands' modules took 2.1 s to import, paid by every `--help` and `status`.
+    out = _run([sys.executable, "-c", _IMPORTS_FOR, json.dumps(argv)]).stdout
+    assert json.loads(out) == heavy
+
+
 # One process: transformers loads the demo checkpoint with hub kernels at their default
 # (USE_HUB_KERNELS unset), then griffin_batch samples from the same files. Logits of the two
 # must agree to 1e-4, both computing in float32 on CPU.
