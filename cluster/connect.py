@@ -121,7 +121,8 @@ def _token_auth() -> bool:
     return authentication_utils.is_token_auth_enabled()
 
 
-def connect(address: str | None = None) -> Connection:
+def connect(address: str | None = None, on_stuck: Callable[[str], None] | None = None
+            ) -> Connection:
     """Joins the cluster at ``address``; by default joins a reachable one or starts a local one.
 
     Args:
@@ -129,6 +130,12 @@ def connect(address: str | None = None) -> Connection:
         a running one, ``"local"`` to always start a fresh local cluster, or
         None: use ``RAY_ADDRESS`` (set by ``ray job submit``), else the cluster
         ``ray start`` left on this machine if it answers, else start a local one.
+      on_stuck: Called once, on a timer thread, with one line naming the cluster when
+        joining it has not finished within ``faults.cluster_lost_timing``'s timeout and
+        grace. A cluster that accepts connections but not this process (one that asks
+        for a token this machine does not have) keeps ``ray.init`` retrying forever,
+        printing Ray's C++ errors; nothing can interrupt it, so ``on_stuck`` may end
+        the process. None: wait as long as Ray does.
 
     Returns:
       The connection.
@@ -140,16 +147,44 @@ def connect(address: str | None = None) -> Connection:
     # what went wrong in one line instead. Ray's INFO chatter is dropped too.
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=False)
     if address is None and os.environ.get("RAY_ADDRESS"):
-        ray.init(**kwargs)  # inside a submitted job: Ray also applies the job's runtime env
+        with _deadline(f"the Ray cluster at {os.environ['RAY_ADDRESS']} (RAY_ADDRESS)", on_stuck):
+            ray.init(**kwargs)  # inside a submitted job: Ray also applies the job's runtime env
         return Connection(_gcs_address(), started_local=False, owned=True)
     if address is None:
-        address = _started_cluster_address() or "local"
+        started = _started_cluster_address()
+        if started is None:
+            address = "local"
+        else:
+            address, where = started, f"the Ray cluster `ray start` left at {started}"
+    else:
+        where = f"the Ray cluster at {address}"
     if address == "local":
         ray.init(address="local", include_dashboard=False, **kwargs)
         return Connection(_gcs_address(), started_local=True, owned=True)
     check_reachable(address)
-    ray.init(address=address, **kwargs)
+    with _deadline(where, on_stuck):
+        ray.init(address=address, **kwargs)
     return Connection(_gcs_address(), started_local=False, owned=True)
+
+
+@contextlib.contextmanager
+def _deadline(where: str, on_stuck: Callable[[str], None] | None) -> Iterator[None]:
+    """Calls ``on_stuck`` (see ``connect``) if the block has not ended in time."""
+    if on_stuck is None:
+        yield
+        return
+    timeout_s, grace_s = faults.cluster_lost_timing()
+    limit_s = timeout_s + grace_s
+    timer = threading.Timer(limit_s, on_stuck, [
+        f"could not join {where} within {limit_s:.0f} s (a cluster that asks for a token "
+        f"this machine does not have keeps Ray retrying; Ray's own errors are above); pass "
+        f"--address local to run on a cluster of the job's own"])
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def check_reachable(address: str, timeout_s: float = faults.CONNECT_TIMEOUT_S) -> None:

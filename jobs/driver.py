@@ -358,10 +358,11 @@ def _generate(
     on_cluster_lost: Callable[[JobResult], None] | None,
     variant: Variant | None = None,
 ) -> None:
-    connection = connect.connect(config.cluster.address)
-    cluster = connect.watch(  # Ray itself would end this process, saying nothing of the job
-        connection, lambda lost: _abandon(config, plan, out, state, lost, on_cluster_lost)
-    )
+    def abandon(lost: str) -> None:  # on a watch's thread: the main one waits inside Ray
+        _abandon(config, plan, out, state, lost, on_cluster_lost)
+
+    connection = connect.connect(config.cluster.address, on_stuck=abandon)
+    cluster = connect.watch(connection, abandon)  # Ray would end this process, saying nothing
     state.cluster = connection.address
     say(connection.describe())
     say(f"worker logs (and Ray's own): {connect.log_dir()} on each node")

@@ -288,3 +288,32 @@ def test_driver_whose_cluster_disappears_exits_3_and_resumes(
         resumed.stderr
     )
     assert_exactly_once(read_output(out), ids)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_driver_that_cannot_join_a_cluster_says_so_and_exits(
+    tmp_path, write_parquet, prompts, ray_head
+):
+    # A cluster that accepts connections but asks for a token this machine lacks (another
+    # user's `ray start` on a shared machine): Ray's join retries forever, printing only its
+    # own C++ errors, so before the join had a deadline the job hung with no word of its own.
+    address, env, _ = ray_head
+    foreign = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")}
+    foreign[faults.RAY_GCS_RECONNECT_ENV] = str(RAY_GCS_TIMEOUT_S)
+    inputs = write_parquet(str(tmp_path / "in.parquet"), {"prompt": prompts[:2], "id": ["a", "b"]})
+    out = str(tmp_path / "out")
+    started = time.monotonic()
+    proc = subprocess.run(_command(inputs, out, address), env=foreign, capture_output=True,
+                          text=True, timeout=EXIT_WITHIN_S + 30, cwd=tmp_path)
+    exited_s = time.monotonic() - started
+    print(f"exited {proc.returncode} after {exited_s:.1f}s\n", proc.stderr[-3000:])
+    limit_s = sum(faults.cluster_lost_timing(foreign))
+    assert proc.returncode == generate.EXIT_CLUSTER_LOST
+    assert exited_s < EXIT_WITHIN_S
+    (error,) = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"{PROG}: error:")]
+    assert f"could not join the Ray cluster at {address} within {limit_s:.0f} s" in error, error
+    assert "pass --address local" in error and "rerun with --resume" in error, error
+    summary = json.loads(pathlib.Path(f"{out}/{manifest_lib.SUMMARY_FILE}").read_text())
+    assert summary["status"] == "failed" and "could not join" in summary["fatal"]
+    assert summary["shards"]["committed"] == 0
