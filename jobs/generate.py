@@ -377,9 +377,12 @@ def _report(result: driver.JobResult, prog: str) -> int:
         print(f"{prog}: {result.cancelled}", file=sys.stderr)
     elif result.fatal:
         print(f"{prog}: error: {result.fatal}", file=sys.stderr)
+    errors = s.get("error_rows", 0)  # rows whose 'error' column says why: a job's result too
     print(
-        f"wrote {s['samples']} output row(s) for {s['rows']} of {s['input_rows']} input row(s), "
-        f"{s['shards']['committed']} of {s['shards']['total']} shard file(s), to {result.output}"
+        f"wrote {s['samples']} output row(s)"
+        + (f" ({errors} of them error rows: their 'error' column says why)" if errors else "")
+        + f" for {s['rows']} of {s['input_rows']} input row(s), {s['shards']['committed']} of "
+        f"{s['shards']['total']} shard file(s), to {result.output}"
     )
     print(
         f"summary: {result.output.rstrip('/')}/{manifest.SUMMARY_FILE} "
@@ -398,11 +401,11 @@ def _report(result: driver.JobResult, prog: str) -> int:
         )
         return EXIT_BAD_INPUT
     if not result.succeeded:
-        print(
-            f"{s['shards']['failed']} shard(s) failed; see {manifest.SUMMARY_FILE} 'failures'; "
-            "rerun with --resume to retry them",
-            file=sys.stderr,
-        )
+        failed, unreadable = s["shards"]["failed"], s.get("unreadable_inputs", 0)
+        why = ([f"{failed} shard(s) failed (rerun with --resume to retry them)"] if failed else [])
+        if unreadable:  # a rerun reads them again only once they are fixed
+            why.append(f"{unreadable} input file(s) could not be read, so their rows did not run")
+        print(f"{'; '.join(why)}; see {manifest.SUMMARY_FILE} 'failures'", file=sys.stderr)
         return EXIT_FAILED_SHARDS
     return EXIT_OK
 

@@ -65,6 +65,9 @@ def describe(summary: Mapping[str, Any], now: float | None = None) -> list[str]:
              f"shards: {_shards(summary)}",
              f"tokens: {summary.get('completion_tokens', 0)} at "
              f"{summary.get('tokens_per_s', 0.0)} tok/s"]
+    if summary.get("unreadable_inputs"):  # their rows are in no count above
+        lines.append(f"inputs: {summary['unreadable_inputs']} file(s) could not be read and their "
+                     "rows are not counted above (see 'failures')")
     updated = summary.get("updated_at")
     if status in RUNNING and updated is not None:
         age = max(0.0, now - float(updated))

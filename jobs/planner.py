@@ -180,7 +180,7 @@ def plan(io: config_lib.IOConfig, sampling: config_lib.SamplingConfig,
     if unreadable and not files:
         raise config_lib.JobInputError("; ".join(e for _, e in unreadable[:3]))
     for _, error in unreadable:
-        say(f"warning: {error}; its rows are not run, the other inputs go on")
+        say(f"warning: {error.rstrip('.')}; its rows are not run, the other inputs go on")
     if not io.allow_duplicate_ids:
         ids.check_unique(files, io.id_column)
     _check_sampling_columns_present(schemas, overrides, len(unreadable), say)

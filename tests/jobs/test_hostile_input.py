@@ -226,6 +226,13 @@ def test_every_row_class_in_one_job_comes_back_once(tmp_path, ray_address):
     assert f"cannot read input {bad_pages}" in failed[bad_pages]
     assert bad_footer in failed[bad_footer]
     assert summary["shards"]["failed"] == 1 and summary["unreadable_inputs"] == 1
+    # The last lines count what did not run, and the rows that came back as errors.
+    assert ("1 shard(s) failed (rerun with --resume to retry them); 1 input file(s) could not "
+            "be read, so their rows did not run; see _summary.json 'failures'") in done.stderr
+    assert ".; its rows are not run" not in done.stderr
+    errors = sum(w is not None for w in {**random_bad, **class_bad}.values())
+    assert summary["error_rows"] == errors
+    assert f"({errors} of them error rows: their 'error' column says why)" in done.stdout
 
     table = read_output(str(out)).to_pylist()
     by_id = collections.defaultdict(list)

@@ -47,6 +47,20 @@ def test_describe_a_running_job_with_its_eta():
     assert "it may have stopped" in stale[4]
 
 
+def test_describe_says_that_unreadable_inputs_are_in_no_count():
+    # Their rows are unknown (no footer), so "100.0% done" alone read as if nothing was lost.
+    summary = {"status": "partially_completed", "request_counts": {"total": 5, "completed": 5,
+               "failed": 0}, "shards": {"total": 1, "committed": 1, "failed": 0},
+               "unreadable_inputs": 1}
+    assert lifecycle.describe(summary)[1:] == [
+        "rows: 5 completed, 0 failed, 5 in all (100.0% done)",
+        "shards: 1 of 1 committed, 0 failed",
+        "tokens: 0 at 0.0 tok/s",
+        "inputs: 1 file(s) could not be read and their rows are not counted above "
+        "(see 'failures')",
+    ]
+
+
 def test_status_and_cancel_need_a_job(tmp_path, capsys):
     assert status.main([str(tmp_path)]) == status.EXIT_NOT_COMPLETED
     assert "no job in" in capsys.readouterr().err
