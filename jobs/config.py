@@ -11,7 +11,7 @@ from typing import Any
 
 from griffin_batch.actors import columns, output
 from griffin_batch.cluster import faults, hardware, scaling
-from griffin_batch.model import requests
+from griffin_batch.model import dtypes, requests
 from griffin_batch.model.engine_config import EngineConfig
 
 
@@ -255,8 +255,9 @@ class JobConfig:
         _validate_cluster(self.cluster)
         try:
             self.sampling.params().validate()
-        except requests.RequestError as e:
-            raise JobInputError(f"invalid sampling option: {e}") from None
+        except requests.RequestError as e:  # "max_tokens must be ...": name the option typed
+            field, _, rest = str(e).partition(" ")
+            raise JobInputError(f"--{field.replace('_', '-')} {rest}") from None
         if self.resume.resume and self.resume.overwrite:
             raise JobInputError("--resume and --overwrite exclude each other")
         if not self.resume.checkpoint_every_s >= 0:
@@ -344,6 +345,9 @@ def _validate_io(io: IOConfig) -> None:
 
 
 def _validate_model(m: ModelConfig) -> None:
+    # Checked here, not where a worker casts its parameters: there it cost a cluster start.
+    if m.dtype is not None and m.dtype not in dtypes.DTYPES:
+        raise JobInputError(f"--dtype must be one of {', '.join(dtypes.DTYPES)}, got {m.dtype!r}")
     if m.checkpoint and not m.tokenizer:
         raise JobInputError("--checkpoint needs --tokenizer (the SentencePiece model to use)")
     if m.tokenizer and not m.checkpoint:

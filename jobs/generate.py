@@ -394,9 +394,12 @@ def _report(result: driver.JobResult, prog: str) -> int:
     if result.cancelled:
         return EXIT_INTERRUPTED
     if result.fatal:
+        kept = s["shards"]["committed"]
         print(
             "stopped at the first worker that could not start (a retry cannot fix it); "
-            "fix the cause and rerun with --resume",
+            + (f"fix the cause and rerun with --resume to keep the {kept} committed shard(s)"
+               if kept else "nothing is committed: fix the cause and rerun, with --overwrite "
+               "if the fix is another option (--resume keeps the options)"),
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT

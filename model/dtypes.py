@@ -13,6 +13,9 @@ from bfloat16, and a float32 checkpoint run on CPU is usually a check of numeric
 
 from __future__ import annotations
 
+DTYPES = ("bfloat16", "float32")
+"""What ``--dtype`` accepts."""
+
 ACCELERATOR_DTYPE = "bfloat16"
 """Compute dtype on accelerators when none is requested."""
 

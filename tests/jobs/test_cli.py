@@ -54,7 +54,8 @@ def test_overwrite_never_deletes_the_input_or_a_bucket(capsys, tmp_path, good_in
     [
         (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
         (["--workers", "2", "--min-workers", "1"], "--workers excludes"),
-        (["--max-tokens", "0"], "max_tokens must be an integer in [1, "),
+        (["--max-tokens", "0"], "--max-tokens must be an integer in [1, "),
+        (["--dtype", "float8"], "--dtype must be one of bfloat16, float32, got 'float8'"),
         (
             ["--checkpoint", "/nowhere/ckpt", "--tokenizer", "/nowhere/t.model"],
             "--checkpoint /nowhere/ckpt does not exist",
@@ -64,6 +65,7 @@ def test_overwrite_never_deletes_the_input_or_a_bucket(capsys, tmp_path, good_in
 def test_inconsistent_options(capsys, tmp_path, good_input, flags, message):
     code, err = _run(capsys, "--input", good_input, "--output", str(tmp_path / "out"), *flags)
     assert code == generate.EXIT_BAD_INPUT and message in err
+    assert not (tmp_path / "out").exists()  # refused before the output or a cluster
 
 
 def test_unreachable_output(capsys, tmp_path, good_input):

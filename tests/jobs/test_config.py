@@ -35,9 +35,12 @@ def test_defaults_validate_and_are_frozen():
         ({"model": config_lib.ModelConfig(checkpoint="ckpt")}, "--checkpoint needs --tokenizer"),
         (
             {"sampling": config_lib.SamplingConfig(temperature=-1.0)},
-            "invalid sampling option: temperature must be a finite number >= 0",
+            "--temperature must be a finite number >= 0, got -1.0",
         ),
-        ({"sampling": config_lib.SamplingConfig(n=0)}, "n must be an integer in"),
+        ({"sampling": config_lib.SamplingConfig(n=0)}, "--n must be an integer in"),
+        ({"sampling": config_lib.SamplingConfig(top_k=0)}, "--top-k must be an integer in"),
+        ({"model": config_lib.ModelConfig(dtype="bf16")},
+         "--dtype must be one of bfloat16, float32, got 'bf16'"),
         (
             {"cluster": config_lib.ClusterConfig(workers=2, max_workers=3)},
             "--workers excludes --min-workers/--max-workers",

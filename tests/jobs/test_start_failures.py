@@ -47,6 +47,8 @@ def _check_fast_and_clear(code: int, out: str, cause: str) -> str:
     assert "could not start" in error and cause in error, error
     assert re.search(r" on \S+", error) and " on unknown " not in error, error  # names the host
     assert f"0 of {ROWS} input row(s), 0 of 1 shard file(s)" in out
+    # --resume alone keeps the options: a fix that changes one needs --overwrite.
+    assert "nothing is committed: fix the cause and rerun, with --overwrite" in out, out
     # One attempt: no replacement was started, and no stack trace reached the terminal.
     assert "lost:" not in out and "Traceback" not in out and "Stack trace" not in out, out
     (log_dir,) = re.findall(r"worker logs \(and Ray's own\): (\S+) on each node", out)
