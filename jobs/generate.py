@@ -119,21 +119,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_job_arguments(p)
 
 
-def add_job_arguments(p: argparse.ArgumentParser) -> None:
-    """Adds the model, sampling, cluster and existing-output options (shared with ``synthesize``)."""
+def add_job_arguments(p: argparse.ArgumentParser, *,
+                      sampling_title: str = "sampling (per row: see --sampling-columns)",
+                      n_help: str = "samples per prompt") -> None:
+    """Adds the model, sampling, cluster and existing-output options (shared with ``synthesize``).
+
+    ``sampling_title`` and ``n_help`` let a command without ``--sampling-columns``
+    (or with another meaning of ``--n``) say so.
+    """
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint", help="checkpoint path or URL (default: bundled demo model)")
     m.add_argument("--tokenizer", help="SentencePiece tokenizer.model path or URL")
     m.add_argument("--preset", help="config preset for checkpoints without a config")
-    m.add_argument("--dtype", help=f"bfloat16 or float32 ({dtypes.DEFAULT_HELP})")
+    m.add_argument("--dtype", help=f"{' or '.join(dtypes.DTYPES)} ({dtypes.DEFAULT_HELP})")
     m.add_argument(
         "--chat", action="store_true", help="wrap prompts in the instruction-tuned chat format"
     )
     for f in engine_config.job_options():  # defaults live in EngineConfig only
         m.add_argument(f.metadata["flag"], type=int, default=f.default, help=f.metadata["help"])
-    s = p.add_argument_group("sampling (per row: see --sampling-columns)")
+    s = p.add_argument_group(sampling_title)
     s.add_argument("--max-tokens", type=int, default=256)
-    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (the default) is greedy: every sample of a prompt is the same")
     s.add_argument("--top-k", type=int)
     s.add_argument("--top-p", type=float)
     s.add_argument(
@@ -143,7 +150,7 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
         help="job seed; each row's stream comes from (job seed, row id) unless the row sets a seed",
     )
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    s.add_argument("--n", type=int, default=1, help="samples per prompt")
+    s.add_argument("--n", type=int, default=1, help=n_help)
     c = p.add_argument_group("cluster")
     c.add_argument(
         "--address",

@@ -3,7 +3,8 @@
 * **Text files** (``--input`` a file, a directory of ``.txt``/``.md`` files or a
   glob; any fsspec URL): one document per file, its id the file's URL. A file
   that is not UTF-8, is empty or cannot be read is that document's error (the
-  message names the file); the other files go on.
+  message names the file); the other files go on. A Parquet file (by its magic
+  bytes) stops the job before it starts: it needs ``--text-column``.
 * **Parquet** (``--text-column``): one document per row; its id is the
   ``--id-column`` value (default: ``id`` where a file has one, else
   ``<file name>#<row>``, as ``generate`` names rows). A null, empty or non-UTF-8
@@ -36,6 +37,12 @@ TEXT_SUFFIXES = (".txt", ".md")
 BATCH_ROWS = 64
 """Parquet rows read at a time: bounds the driver's memory with long documents."""
 
+PARQUET_MAGIC = b"PAR1"
+"""The first 4 bytes of a Parquet file; its last are these too, or ``PARE`` (encrypted footer)."""
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
+"""Names whose first bytes are checked before any document is read (others' when read)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Document:
@@ -57,12 +64,36 @@ def expand(inputs: Sequence[str], text_column: str | None) -> list[str]:
     """The input files, in order.
 
     Raises:
-      JobInputError: A pattern matches nothing.
+      JobInputError: A pattern matches nothing, or without ``text_column`` a
+        file named ``.parquet`` is a Parquet file.
     """
     if text_column is not None:
         return planner.expand_inputs(inputs)
     # str.endswith takes a tuple: a directory gives its .txt and .md files.
-    return planner.expand_inputs(inputs, suffix=TEXT_SUFFIXES, kind="text (.txt, .md)")  # type: ignore[arg-type]
+    urls = planner.expand_inputs(inputs, suffix=TEXT_SUFFIXES, kind="text (.txt, .md)")  # type: ignore[arg-type]
+    for url in urls:  # refused before any file is read; _text checks every other file's bytes
+        if url.lower().endswith(PARQUET_SUFFIXES) and _starts_as_parquet(url):
+            raise _parquet_not_text(url)
+    return urls
+
+
+def _starts_as_parquet(url: str) -> bool:
+    try:
+        with fsspec.open(url, "rb") as f:
+            return f.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC
+    except OSError:
+        return False  # _text makes it the document's error
+
+
+def _is_parquet(data: bytes) -> bool:
+    return (len(data) >= 2 * len(PARQUET_MAGIC) and data.startswith(PARQUET_MAGIC)
+            and data[-len(PARQUET_MAGIC):] in (PARQUET_MAGIC, b"PARE"))
+
+
+def _parquet_not_text(url: str) -> config_lib.JobInputError:
+    return config_lib.JobInputError(
+        f"input {url} is a Parquet file, not a text document: pass --text-column COLUMN to "
+        "summarize the documents in its column COLUMN")
 
 
 class Source:
@@ -91,7 +122,7 @@ class Source:
 
         Raises:
           JobInputError: A Parquet input cannot be read, or lacks the text or id
-            column, or its text column is not text.
+            column, or its text column is not text; or a text input is a Parquet file.
         """
         reader = self._text() if self.text_column is None else self._parquet()
         for document in reader:
@@ -110,6 +141,8 @@ class Source:
         except OSError as e:
             yield Document(self.url, None, f"cannot read input {self.url}: {e}")
             return
+        if _is_parquet(data):  # a whole job of error rows helps no one: stop before it runs
+            raise _parquet_not_text(self.url)
         self._digest.update(data)
         self._size = len(data)
         try:
@@ -136,6 +169,8 @@ class Source:
                 for batch in pf.iter_batches(BATCH_ROWS, columns=wanted):
                     yield from self._batch(batch, id_column, row)
                     row += batch.num_rows
+        except config_lib.JobInputError:
+            raise  # the file is readable; _check_schema's message says what it lacks
         except (pa.ArrowException, OSError, ValueError) as e:
             raise config_lib.JobInputError(
                 f"input {self.url} is not a readable Parquet file: {e}") from None

@@ -115,6 +115,9 @@ class SynthesizeJob:
     def stage(self, config: config_lib.JobConfig, say: Callable[[str], None]
               ) -> tuple[config_lib.JobConfig, planner.JobPlan, staging.Staged]:
         """Renders the prompts into the job's staged input and plans it (``driver.Variant``)."""
+        warning = greedy_warning(config.sampling, self.synth)
+        if warning:
+            say(warning)
         return synth_staging.stage(config, self.template, self.variables, self.synth.n, say)
 
     def fingerprint(self) -> Mapping[str, Any]:
@@ -146,6 +149,17 @@ class SynthesizeJob:
         else:
             figures["dedup"] = {"mode": synth_dedup.NONE}
         return figures
+
+
+def greedy_warning(sampling: config_lib.SamplingConfig, synth: SynthConfig) -> str | None:
+    """Why ``--n`` above 1 at temperature 0 wastes samples (greedy ignores seeds); else None."""
+    if synth.n <= 1 or sampling.temperature != 0:
+        return None
+    dedup = (f", and --dedup {synth.dedup} keeps one of them"
+             if synth.dedup != synth_dedup.NONE else "")
+    return (f"warning: --n {synth.n} at --temperature 0 (greedy, the default): the {synth.n} "
+            f"samples of each prompt will be identical{dedup}; pass --temperature above 0 "
+            "(e.g. 0.7) for different samples")
 
 
 def _validity(out: manifest.OutputDir, plan: planner.JobPlan) -> dict[str, Any]:

@@ -85,12 +85,15 @@ def stage(config: config_lib.JobConfig, template: synth_template.Template,
             f"--vars {variables.url}: variable(s) {taken} take the name of output columns "
             f"({', '.join(sorted(RESERVED))}); rename them")
     config = job_config(config, names)
+    if variables is not None:
+        _note_sampling_lookalikes(variables.url, names, say)
     scratch = tempfile.mkdtemp(prefix="griffin-batch-synthesize-")
     try:
         local = f"{scratch}/{STAGED_NAME}"
         _write(local, template, variables, n, config.sampling.seed)
         staged_url = f"{staging.staged_dir(config.io.output)}/{STAGED_NAME}"
-        plan = planner.plan(dataclasses.replace(config.io, inputs=(local,)), config.sampling, say)
+        plan = planner.plan(dataclasses.replace(config.io, inputs=(local,)), config.sampling,
+                            _without_sampling_columns_advice(say))
         combos = len(variables.rows) if variables is not None else 1
         sources = []
         if variables is not None:
@@ -107,6 +110,20 @@ def stage(config: config_lib.JobConfig, template: synth_template.Template,
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+def _note_sampling_lookalikes(url: str, names: list[str], say: Callable[[str], None]) -> None:
+    """Says that variables named like sampling fields (``n``, ``temperature``) are data only."""
+    lookalikes = [name for name in names if name in columns.SAMPLING_FIELDS]
+    if lookalikes:
+        say(f"note: --vars {url}: variable(s) {lookalikes} are only template variables and do "
+            "not change sampling; the sampling options (--n, --temperature, ...) set it for "
+            "every prompt")
+
+
+def _without_sampling_columns_advice(say: Callable[[str], None]) -> Callable[[str], None]:
+    """``say`` less the planner's advice to pass --sampling-columns, an option synthesize lacks."""
+    return lambda message: None if "--sampling-columns" in message else say(message)
 
 
 def staged_schema(variables: pa.Schema | None) -> pa.Schema:

@@ -61,7 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "near, by MinHash LSH) duplicate completions to <output>/_deduplicated/")
     s.add_argument("--dedup-threshold", type=float, default=defaults.dedup_threshold,
                    help="least estimated Jaccard similarity of a near duplicate (--dedup near)")
-    generate.add_job_arguments(p)
+    # synth_staging fixes the sampling columns (the seed only): no --sampling-columns here.
+    generate.add_job_arguments(p, sampling_title="sampling (the same for every prompt; "
+                               "variables do not change it)",
+                               n_help="samples per combination, one output row each")
 
 
 def config_from_args(a: argparse.Namespace

@@ -15,7 +15,9 @@ from job_helpers import read_output
 from griffin_batch.actors import output
 from griffin_batch.jobs import (
     cli,
+    generate,
     manifest,
+    summarize,
     summary_inputs,
     summary_job,
     summary_sections,
@@ -100,6 +102,45 @@ def test_parquet_rows_are_documents_with_ids_and_row_errors(tmp_path, write_parq
         [bad] = summary_inputs.sources([path], column, "nope" if column == "body" else None)
         with pytest.raises(config_lib.JobInputError, match=flag):
             list(bad.documents())
+
+
+def test_a_parquet_file_given_as_text_is_refused_naming_it_and_the_option(tmp_path,
+                                                                         write_parquet, capsys):
+    path = write_parquet(str(tmp_path / "docs.parquet"), {"body": ["one"]})
+    wanted = (f"input {path} is a Parquet file, not a text document: pass --text-column "
+              "COLUMN to summarize the documents in its column COLUMN")
+    with pytest.raises(config_lib.JobInputError) as refused:
+        summary_inputs.sources([path], None, None)  # by name and magic, before any read
+    assert str(refused.value) == wanted
+    renamed = shutil.copy(path, tmp_path / "docs.bin")  # by magic bytes alone
+    [source] = summary_inputs.sources([str(renamed)], None, None)
+    with pytest.raises(config_lib.JobInputError, match="docs.bin is a Parquet file"):
+        list(source.documents())
+    out = tmp_path / "out"
+    argv = ["summarize", "--input", path, "--output", str(out), "--max-tokens", "16",
+            "--address", "127.0.0.1:1"]  # no cluster there: refused before it is needed
+    assert cli.main(argv) == 2
+    assert f"griffin-batch summarize: error: {wanted}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_parquet_file_without_the_text_column_lists_its_columns(tmp_path, write_parquet):
+    path = write_parquet(str(tmp_path / "d.parquet"), {"body": ["one"], "key": ["k1"]})
+    [source] = summary_inputs.sources([path], "nope", None)
+    with pytest.raises(config_lib.JobInputError) as refused:
+        list(source.documents())
+    assert str(refused.value) == (f"input {path} has no column 'nope' (--text-column); "
+                                  "its columns are ['body', 'key']")
+
+
+def test_help_names_no_sampling_columns_and_says_n_must_be_1():
+    text = " ".join(summarize.build_parser().format_help().split())
+    assert "--sampling-columns" not in text
+    assert "sampling (the same for every request):" in text
+    assert "--n N must be 1: one summary per document" in text
+    assert "--temperature TEMPERATURE 0 (the default) is greedy" in text
+    # generate, which has --sampling-columns, keeps its title.
+    assert "sampling (per row: see --sampling-columns):" in generate.build_parser().format_help()
 
 
 def test_options_are_checked_by_name():

@@ -21,6 +21,7 @@ from griffin_batch.jobs import (
     synth_staging,
     synth_template,
     synth_vars,
+    synthesize,
 )
 from griffin_batch.jobs import config as config_lib
 from griffin_batch.model import requests
@@ -107,13 +108,13 @@ def test_templates_render_strictly_in_a_sandbox(tmp_path):
 
 # --- staging ---------------------------------------------------------------------------------
 
-def _staged(tmp_path, template_text, vars_text=None, n=2, seed=7, grid=False):
+def _staged(tmp_path, template_text, vars_text=None, n=2, seed=7, grid=False, temperature=0.0):
     vars_url = _write(tmp_path / "vars.yaml", vars_text) if vars_text else None
     synth = synth_job.SynthConfig(template_text=template_text, vars=vars_url, n=n, grid=grid)
     job = synth_job.SynthesizeJob(synth)
     config = config_lib.JobConfig(
         io=config_lib.IOConfig(inputs=synth.sources(), output=str(tmp_path / "out")),
-        sampling=config_lib.SamplingConfig(seed=seed, n=n))
+        sampling=config_lib.SamplingConfig(seed=seed, n=n, temperature=temperature))
     config, plan, staged = job.stage(config, print)
     try:
         table = pq.read_table(next(iter(staged.local.values())))
@@ -178,6 +179,27 @@ def test_a_missing_variable_or_a_taken_name_stops_the_job_before_it_starts(tmp_p
         _staged(tmp_path, "{{ a }} {{ b }}", "- {a: 1, b: 2}\n- {a: 3}\n")
     with pytest.raises(config_lib.JobInputError, match=r"variable\(s\) \['seed'\] take the name"):
         _staged(tmp_path, "{{ seed }}", "- {seed: 1}\n")
+
+
+def test_a_variable_named_like_a_sampling_field_is_noted_as_data_only(tmp_path, capsys):
+    _staged(tmp_path, "{{ name }} {{ n }}", "- {name: x, n: 2}\n", n=1)
+    notes = capsys.readouterr().out.splitlines()
+    url = tmp_path / "vars.yaml"
+    # synthesize has no --sampling-columns: the planner's advice to pass it is not shown.
+    assert notes == [f"note: --vars {url}: variable(s) ['n'] are only template variables and "
+                     "do not change sampling; the sampling options (--n, --temperature, ...) "
+                     "set it for every prompt"]
+
+
+def test_n_above_1_at_temperature_0_warns_once_that_the_samples_are_identical(tmp_path, capsys):
+    _staged(tmp_path, "{{ a }}", "- {a: 1}\n", n=2)
+    assert capsys.readouterr().out.splitlines() == [
+        "warning: --n 2 at --temperature 0 (greedy, the default): the 2 samples of each "
+        "prompt will be identical, and --dedup exact keeps one of them; pass --temperature "
+        "above 0 (e.g. 0.7) for different samples"]
+    _staged(tmp_path, "{{ a }}", "- {a: 1}\n", n=2, temperature=0.7)
+    _staged(tmp_path, "{{ a }}", "- {a: 1}\n", n=1)
+    assert capsys.readouterr().out == ""
 
 
 # --- schema checks ---------------------------------------------------------------------------
@@ -287,6 +309,16 @@ def test_bad_input_exits_2_naming_it_before_any_worker_starts(tmp_path, capsys):
     assert code == 2
     assert "'a' is undefined in combination v.yaml#1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_help_offers_no_sampling_columns_and_says_temperature_0_is_greedy():
+    text = " ".join(synthesize.build_parser().format_help().split())
+    assert "--sampling-columns" not in text
+    assert "sampling (the same for every prompt; variables do not change it):" in text
+    assert "--temperature TEMPERATURE 0 (the default) is greedy" in text
+    with pytest.raises(SystemExit):  # as the title says: not an option here
+        synthesize.build_parser().parse_args(["--template-text", "x", "--output", "o",
+                                              "--sampling-columns", "n"])
 
 
 @pytest.mark.ray
