@@ -70,7 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The top-level options take no values, so the first word that is not an option is
     # the subcommand (argparse itself rejects one that is not in SUBCOMMANDS).
     command = next((arg for arg in argv if not arg.startswith("-")), None)
-    args = build_parser([command] if command else []).parse_args(argv)
+    parser = build_parser([command] if command else [])
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would blame the top level and print its usage, not the subcommand's
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     return module.run(args, prog=f"griffin-batch {args.command}")
 

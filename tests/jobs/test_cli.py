@@ -94,3 +94,15 @@ def test_input_is_checked_before_ray_is_contacted(tmp_path):
     )
     assert proc.returncode == generate.EXIT_BAD_INPUT
     assert "missing.parquet: no such file or directory" in proc.stderr
+
+
+def test_an_unknown_option_shows_its_subcommands_usage(capsys):
+    from griffin_batch.jobs import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["status", "out", "--bogus"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    # argparse alone printed the top level's usage ("griffin-batch [-h] [--version] COMMAND").
+    assert err.startswith("usage: griffin-batch status") and (
+        "griffin-batch status: error: unrecognized arguments: --bogus") in err, err
