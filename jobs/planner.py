@@ -151,7 +151,7 @@ def plan(io: config_lib.IOConfig, sampling: config_lib.SamplingConfig,
         repeat (unless ``io.allow_duplicate_ids``); no input is readable.
     """
     say = say or log.warning
-    urls = expand_inputs(io.inputs)
+    urls = expand_inputs(io.inputs, say=say)
     with concurrent.futures.ThreadPoolExecutor(min(_METADATA_THREADS, len(urls))) as pool:
         footers = list(pool.map(_read_footer, urls))
     overrides = io.sampling_overrides()
@@ -221,13 +221,14 @@ def _warn_unused_sampling_columns(schemas: Sequence[pa.Schema],
 
 
 def expand_inputs(patterns: Sequence[str], suffix: str = ".parquet",
-                  kind: str = "Parquet") -> list[str]:
+                  kind: str = "Parquet", say: Callable[[str], None] | None = None) -> list[str]:
     """Input URLs of files matching ``patterns`` (files, directories, globs), deduplicated, sorted per pattern.
 
     Args:
       patterns: Files, directories or globs (fsspec URLs).
       suffix: Name ending of the files taken from a directory.
       kind: What the files are, for errors.
+      say: Where a note goes that files matched by more than one pattern are read once.
 
     Raises:
       JobInputError: A pattern names nothing.
@@ -245,7 +246,13 @@ def expand_inputs(patterns: Sequence[str], suffix: str = ".parquet",
         if not found:
             raise config_lib.JobInputError(f"--input {pattern} matches no {kind} files")
         urls.extend(output.url_of(fs, p) for p in sorted(found))
-    return list(dict.fromkeys(urls))
+    unique = list(dict.fromkeys(urls))
+    if say is not None and len(unique) < len(urls):  # e.g. a file and its directory, or twice
+        repeated = [u for u in unique if urls.count(u) > 1]
+        shown = ", ".join(repeated[:3]) + (", ..." if len(repeated) > 3 else "")
+        say(f"note: {shown} matched more than one --input and are read once "
+            f"({len(urls) - len(unique)} repeat(s) dropped)")
+    return unique
 
 
 def _list(fs: fsspec.AbstractFileSystem, path: str, suffix: str) -> list[str]:

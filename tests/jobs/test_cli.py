@@ -72,6 +72,10 @@ def test_unreachable_output(capsys, tmp_path, good_input):
     (tmp_path / "f").write_text("")
     code, err = _run(capsys, "--input", good_input, "--output", str(tmp_path / "f" / "out"))
     assert code == generate.EXIT_BAD_INPUT and "is not writable" in err
+    code, err = _run(capsys, "--input", good_input, "--output", str(tmp_path / "f"), "--overwrite")
+    assert code == generate.EXIT_BAD_INPUT
+    assert f"output {tmp_path / 'f'} is a file: --output names a directory" in err, err
+    assert (tmp_path / "f").read_text() == ""  # kept
 
 
 def test_input_is_checked_before_ray_is_contacted(tmp_path):

@@ -48,6 +48,15 @@ def test_shards_cover_every_row_once_within_the_bound(tmp_path, write_parquet):
     assert planner.JobPlan.from_dict(plan.to_dict()) == plan
 
 
+def test_a_file_named_twice_is_read_once_and_the_job_says_so(tmp_path, write_parquet):
+    a = write_parquet(str(tmp_path / "a.parquet"), {"prompt": ["x"] * 5})
+    notes = []
+    plan = planner.plan(_io(a, a, str(tmp_path)), SAMPLING, notes.append)
+    assert [f.url for f in plan.files] == [a] and plan.total_rows == 5
+    assert notes == [f"note: {a} matched more than one --input and are read once "
+                     "(2 repeat(s) dropped)"]
+
+
 def test_planning_reads_only_metadata(tmp_path, write_parquet):
     """A file whose data pages are garbage still plans: only the footer is read."""
     path = write_parquet(
