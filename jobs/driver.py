@@ -120,6 +120,9 @@ def run(
     try:
         out = manifest.OutputDir(config.io.output)
         fingerprint = {**config.fingerprint(), **(variant.fingerprint() if variant else {})}
+        # Read before prepare removes it. Kept if nothing is left to generate (a resume that
+        # only finishes): the speed on record is the last generating run's, not 0 tok/s.
+        speed = _speed_on_record(out) if config.resume.resume else {}
         committed = out.prepare(plan, fingerprint, resume=config.resume.resume,
                                 overwrite=config.resume.overwrite)
     except BaseException:
@@ -133,6 +136,8 @@ def run(
             finally:
                 staged.cleanup()
         todo = [s for s in plan.shards if s.shard_id not in committed]
+        if todo:
+            speed = {}
         if committed:
             say(
                 f"resuming: {len(committed)} of {len(plan.shards)} shard(s) already committed, "
@@ -151,7 +156,7 @@ def run(
             _write_batch_output(config, plan, out, run_state, say)
         finished = _finish(variant, plan, out, run_state, say) if variant else {}
         summary = {**build_summary(config, plan, run_state, time.monotonic() - start),
-                   **finished}
+                   **speed, **finished}
         succeeded = summary["status"] == lifecycle.COMPLETED
         out.write_summary(summary, success=succeeded)
         if succeeded:
@@ -166,6 +171,19 @@ def run(
         cluster_lost=run_state.report.cluster_lost,
         cancelled=run_state.report.cancelled,
     )
+
+
+_SPEED_FIGURES = ("tokens_per_s", "rows_per_s", "generation_s")
+
+
+def _speed_on_record(out: manifest.OutputDir) -> dict[str, float]:
+    """``_SPEED_FIGURES`` of the summary in ``out`` that are numbers (none if it cannot be read)."""
+    try:
+        previous = manifest.read_summary(out.fs, out.path)
+    except (OSError, ValueError):
+        return {}
+    return {k: previous[k] for k in _SPEED_FIGURES
+            if isinstance(previous.get(k), int | float) and not isinstance(previous[k], bool)}
 
 
 def _plan(config: config_lib.JobConfig, say: Say, variant: Variant | None = None

@@ -18,6 +18,7 @@ from job_helpers import (
 )
 
 from griffin_batch import model
+from griffin_batch.jobs import config as config_lib
 from griffin_batch.jobs import driver, generate
 from griffin_batch.jobs import manifest as manifest_lib
 
@@ -77,6 +78,17 @@ def test_job_writes_every_row_once(tmp_path, write_parquet, prompts, job_config,
     assert "_summary.json" in names and all(n.startswith(("_", "part-")) for n in names), names
     frame = pd.read_parquet(out)
     assert sorted(frame["id"]) == sorted(rows)
+
+    # A resume with nothing left to run finishes again and keeps the speed on record (it wrote
+    # 0 tok/s over the figures of the run that generated).
+    again = driver.run(job_config([str(tmp_path / "in")], out, workers=2, keep_columns=("topic",),
+                                  sampling_columns=("max_tokens",),
+                                  resume=config_lib.ResumeConfig(resume=True)),
+                       say=lambda _: None)
+    assert again.succeeded and again.summary["shards"]["resumed"] == 4
+    speed = ("tokens_per_s", "rows_per_s", "generation_s")
+    assert [again.summary[k] for k in speed] == [summary[k] for k in speed]
+    assert summary["tokens_per_s"] > 0
 
 
 def _start_job(tmp_path, write_parquet, prompts, job_config, num_rows, **cluster):
