@@ -85,7 +85,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from griffin_batch.actors import output, shards
 from griffin_batch.jobs import config as config_lib
-from griffin_batch.jobs import planner
+from griffin_batch.jobs import lifecycle, planner
 
 log = logging.getLogger(__name__)
 
@@ -772,8 +772,15 @@ def request_cancel(url: str, record: bytes) -> dict[str, Any]:
     out = OutputDir(url)
     lease = out._read_lease()
     if lease is None or lease["expires"] <= time.time():
+        try:
+            state = read_summary(out.fs, out.path).get("status")
+        except (OSError, ValueError):
+            state = None
         raise config_lib.JobInputError(
-            f"no job is running on {out.url} (no driver holds its lease); a stopped job "
-            "needs no cancel: rerun with --resume to finish it")
+            f"no job is running on {out.url} (no driver holds its lease)" + (
+                ": there is no job there" if state is None else
+                f"; its job is {state}: nothing to cancel" if state == lifecycle.COMPLETED else
+                f"; its job stopped ({state}) and needs no cancel: rerun with --resume to "
+                "finish it"))
     out.fs.pipe_file(out._join(CANCEL_FILE), record)
     return lease

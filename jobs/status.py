@@ -34,10 +34,11 @@ def run(args: argparse.Namespace, prog: str = "griffin-batch status") -> int:
     try:
         summary = manifest.read_summary(fs, path)
     except FileNotFoundError:
-        print(f"{prog}: no job in {args.output} (no {manifest.SUMMARY_FILE})", file=sys.stderr)
+        print(f"{prog}: error: no job in {args.output} (no {manifest.SUMMARY_FILE})", file=sys.stderr)
         return EXIT_NOT_COMPLETED
     except (OSError, ValueError) as e:
-        print(f"{prog}: cannot read {args.output}/{manifest.SUMMARY_FILE}: {e}", file=sys.stderr)
+        print(f"{prog}: error: cannot read {args.output}/{manifest.SUMMARY_FILE}: {e}",
+              file=sys.stderr)
         return EXIT_NOT_COMPLETED
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -67,6 +67,15 @@ def test_status_and_cancel_need_a_job(tmp_path, capsys):
     assert cancel.main([str(tmp_path)]) == 2
     assert "no job is running on" in capsys.readouterr().err
     assert not (tmp_path / manifest.CANCEL_FILE).exists()
+    # What there is instead: nothing, a finished job, or one that stopped (which --resume ends).
+    for state, says in ((None, ": there is no job there"),
+                        (lifecycle.COMPLETED, "; its job is completed: nothing to cancel"),
+                        (lifecycle.FAILED, "; its job stopped (failed) and needs no cancel: "
+                                           "rerun with --resume to finish it")):
+        if state is not None:
+            (tmp_path / manifest.SUMMARY_FILE).write_text(json.dumps({"status": state}))
+        assert cancel.main([str(tmp_path)]) == 2
+        assert capsys.readouterr().err.rstrip().endswith(says)
 
 
 @pytest.mark.ray
