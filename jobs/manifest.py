@@ -254,10 +254,10 @@ class OutputDir:
             which and what to pass).
         """
         try:
+            self._refuse_inputs_inside(plan)  # first: an input file itself is named as such
             if self.fs.isfile(self.path):  # else the lease's write fails with "Not a directory"
                 raise config_lib.JobInputError(
                     f"output {self.url} is a file: --output names a directory (of part files)")
-            self._refuse_inputs_inside(plan)
             # Earlier stages ran in _stages/ just before this one: their own directories.
             existing = [n for n in self.entries() if n != STAGES_DIR]
             if existing:
