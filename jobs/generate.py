@@ -62,11 +62,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "any fsspec URL (repeatable)",
     )
     io.add_argument("--output", required=True, metavar="URL", help="output directory URL")
-    io.add_argument("--prompt-column", default="prompt")
+    io.add_argument("--prompt-column", default=config_lib.IOConfig.prompt_column,
+                    help="input column of prompt text (default: %(default)s)")
     io.add_argument(
         "--id-column",
-        help="row id column, required in every input (default: 'id' where a file has it; "
-        "rows without an id get '<file name>#<row index>')",
+        help="row id column; given, every input must have it (default: 'id' where a file has "
+        "it; rows without an id get '<file name>#<row index>')",
     )
     io.add_argument(
         "--allow-duplicate-ids",
@@ -93,7 +94,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="COLUMN",
         help="a struct column whose fields set sampling per row (as Ray Data LLM's sampling_params)",
     )
-    io.add_argument("--shard-rows", type=int, default=1024, help="most rows per output file")
+    io.add_argument("--shard-rows", type=int, default=config_lib.IOConfig.shard_rows,
+                    help="most rows per output file, the unit of retry and resume "
+                    "(default: %(default)s)")
     io.add_argument(
         "--input-format",
         choices=config_lib.INPUT_FORMATS,
@@ -138,19 +141,23 @@ def add_job_arguments(p: argparse.ArgumentParser, *,
     for f in engine_config.job_options():  # defaults live in EngineConfig only
         m.add_argument(f.metadata["flag"], type=int, default=f.default, help=f.metadata["help"])
     s = p.add_argument_group(sampling_title)
-    s.add_argument("--max-tokens", type=int, default=256)
-    s.add_argument("--temperature", type=float, default=0.0,
+    sampling = config_lib.SamplingConfig  # the defaults' one source
+    s.add_argument("--max-tokens", type=int, default=sampling.max_tokens,
+                   help="most tokens generated per sample (default: %(default)s)")
+    s.add_argument("--temperature", type=float, default=sampling.temperature,
                    help="0 (the default) is greedy: every sample of a prompt is the same")
-    s.add_argument("--top-k", type=int)
-    s.add_argument("--top-p", type=float)
+    s.add_argument("--top-k", type=int, help="sample from the k likeliest tokens (default: all)")
+    s.add_argument("--top-p", type=float,
+                   help="sample from the likeliest tokens of this total probability, in (0, 1] "
+                   "(default: 1)")
     s.add_argument(
         "--seed",
         type=int,
-        default=0,
+        default=sampling.seed,
         help="job seed; each row's stream comes from (job seed, row id) unless the row sets a seed",
     )
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    s.add_argument("--n", type=int, default=1, help=n_help)
+    s.add_argument("--n", type=int, default=sampling.n, help=n_help)
     c = p.add_argument_group("cluster")
     c.add_argument(
         "--address",
@@ -182,9 +189,15 @@ def add_job_arguments(p: argparse.ArgumentParser, *,
         type=int,
         help="TPU chips per worker, one host's (default: the smallest TPU host's, else 4)",
     )
-    c.add_argument("--accelerator", default="auto", choices=["auto", "tpu", "gpu", "cpu"])
-    c.add_argument("--gpus-per-worker", type=float, default=1.0)
-    c.add_argument("--cpus-per-worker", type=float, default=1.0)
+    cluster = config_lib.ClusterConfig
+    c.add_argument("--accelerator", default=cluster.accelerator,
+                   choices=["auto", "tpu", "gpu", "cpu"],
+                   help="what workers run on (default: %(default)s, the hosts' own)")
+    c.add_argument("--gpus-per-worker", type=float, default=cluster.gpus_per_worker,
+                   help="GPUs per GPU worker (default: %(default)s; a host's count: one worker "
+                   "per host)")
+    c.add_argument("--cpus-per-worker", type=float, default=cluster.cpus_per_worker,
+                   help="CPUs a CPU worker reserves (default: %(default)s)")
     c.add_argument(
         "--tpu-slice",
         metavar="POD_TYPE",
@@ -203,8 +216,11 @@ def add_job_arguments(p: argparse.ArgumentParser, *,
         type=int,
         help="shards held per worker at once (default: enough to fill its slots)",
     )
-    c.add_argument("--max-preemptions", type=int, default=config_lib.ClusterConfig.max_preemptions)
-    c.add_argument("--max-failures", type=int, default=config_lib.ClusterConfig.max_failures)
+    c.add_argument("--max-preemptions", type=int, default=cluster.max_preemptions,
+                   help="re-runs of a shard whose worker died, e.g. a preempted host "
+                   "(default: %(default)s)")
+    c.add_argument("--max-failures", type=int, default=cluster.max_failures,
+                   help="re-runs of a shard that raised on a live worker (default: %(default)s)")
     c.add_argument(
         "--stall-timeout",
         type=float,

@@ -110,3 +110,16 @@ def test_an_unknown_option_shows_its_subcommands_usage(capsys):
     # argparse alone printed the top level's usage ("griffin-batch [-h] [--version] COMMAND").
     assert err.startswith("usage: griffin-batch status") and (
         "griffin-batch status: error: unrecognized arguments: --bogus") in err, err
+
+
+@pytest.mark.parametrize("command", ["generate", "synthesize", "summarize"])
+def test_every_option_says_what_it_does(command):
+    # --max-tokens, --top-k and eight others once showed a bare flag in --help, their
+    # defaults (256, greedy) nowhere but in the code.
+    from griffin_batch.jobs import cli
+
+    parser = cli.build_parser([command])
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    bare = [a.option_strings[0] for a in sub.choices[command]._actions
+            if a.option_strings and not a.help]
+    assert bare == [], f"{command} --help shows these without a word: {bare}"
