@@ -670,10 +670,9 @@ class OutputDir:
 def _check_same_job(
     url: str, saved: Mapping[str, Any], plan: planner.JobPlan, fingerprint: Mapping[str, Any]
 ) -> None:
-    old = saved.get("options", {})
-    changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+    changed = _differences(saved.get("options", {}), fingerprint)
     if changed:
-        detail = "; ".join(f"{k}: was {old.get(k)!r}, now {fingerprint.get(k)!r}" for k in changed)
+        detail = "; ".join(changed)
         raise config_lib.JobInputError(
             f"cannot resume {url}: options that decide the output changed ({detail}); "
             "rerun with the original options or pass --overwrite"
@@ -699,6 +698,18 @@ def _check_same_job(
             f"cannot resume {url}: the inputs changed since the job was planned "
             f"(files/rows that differ: {diff[:5] or 'row groups'}); pass --overwrite to start over"
         )
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``"key: was X, now Y"`` for each differing leaf, nested keys dotted (``sampling.n``)."""
+    found = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            found += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            found.append(f"{prefix}{k}: was {a!r}, now {b!r}")
+    return found
 
 
 def _is_root(url: str) -> bool:
