@@ -6,7 +6,10 @@ request, its ``n`` samples as its choices. A request whose row is an error row
 goes to ``errors.jsonl`` with ``response: null`` and ``error: {code, message}``
 (the message names the line or field). Every id is a hash of the job (its saved
 plan record, which a ``--resume`` keeps) and the request's place and
-``custom_id``, so a resumed job writes the same bytes.
+``custom_id``, so a resumed job writes the same bytes. A request's ``url``
+decides its record's shape; a Parquet row (no ``url``) is a ``/v1/completions``
+``text_completion``, or a ``chat.completion`` when ``--chat`` made its prompt a
+user turn.
 
 Each file is streamed to ``_temporary/`` and then moved to its name (a rename,
 or a server-side copy on object stores): a crash mid-write leaves no partial
@@ -48,7 +51,7 @@ def _ident(key: str, kind: str, position: int, custom_id: str) -> str:
 
 
 def record(samples: Sequence[Mapping[str, Any]], *, key: str, position: int, created: int,
-           default_model: str) -> tuple[dict[str, Any], bool]:
+           default_model: str, chat_prompts: bool = False) -> tuple[dict[str, Any], bool]:
     """One request's output record from its output rows (one per sample, in sample order).
 
     Args:
@@ -59,6 +62,9 @@ def record(samples: Sequence[Mapping[str, Any]], *, key: str, position: int, cre
       position: The request's place in the job's input order.
       created: Unix time written as the completion's ``created``.
       default_model: ``model`` when the request named none.
+      chat_prompts: The shape of a record whose row has no ``url`` (Parquet
+        input): a ``chat.completion`` when the job wrapped prompts as user turns
+        (``--chat``), else a ``text_completion`` (``/v1/completions``).
 
     Returns:
       The record, and whether it is an error (for ``errors.jsonl``).
@@ -71,7 +77,8 @@ def record(samples: Sequence[Mapping[str, Any]], *, key: str, position: int, cre
             "custom_id": custom_id}
     if error is not None:
         return {**base, "response": None, "error": {"code": ERROR_CODE, "message": error}}, True
-    chat = first.get("url") in (None, openai_requests.CHAT_URL)
+    url = first.get("url")
+    chat = chat_prompts if url is None else url == openai_requests.CHAT_URL
     prompt_tokens = int(first["num_prompt_tokens"])
     completion_tokens = sum(int(s["num_completion_tokens"]) for s in samples)
     body = {
@@ -136,6 +143,8 @@ def write(out: manifest.OutputDir, plan: planner.JobPlan, default_model: str) ->
     saved = out.plan_record()
     key = job_key(saved)
     created = int(datetime.datetime.fromisoformat(saved["created"]).timestamp())
+    # From the saved options, as the rows were generated (a --resume must keep --chat).
+    chat_prompts = bool(saved.get("options", {}).get("chat", False))
     temp_dir = f"{out.path}/{output.TEMP_DIR}"
     if output.has_atomic_rename(out.fs):
         out.fs.makedirs(temp_dir, exist_ok=True)
@@ -147,7 +156,7 @@ def write(out: manifest.OutputDir, plan: planner.JobPlan, default_model: str) ->
                 out.fs.open(temps[manifest.BATCH_ERRORS_FILE], "wb") as bad:
             for position, samples in enumerate(requests_of(out, plan)):
                 rec, failed = record(samples, key=key, position=position, created=created,
-                                     default_model=default_model)
+                                     default_model=default_model, chat_prompts=chat_prompts)
                 line = json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n"
                 (bad if failed else ok).write(line.encode("utf-8", errors="surrogatepass"))
                 counts[manifest.BATCH_ERRORS_FILE if failed else manifest.BATCH_OUTPUT_FILE] += 1

@@ -187,7 +187,7 @@ def test_staging_plans_over_parquet_in_the_manifest_and_records_the_sources(tmp_
 
 def test_repeated_custom_ids_follow_the_duplicate_id_rule(tmp_path):
     _write_lines(tmp_path / "a.jsonl", [_line("same"), _line("same")])
-    with pytest.raises(config_lib.JobInputError, match="'same' at"):
+    with pytest.raises(config_lib.JobInputError, match="custom_id 'same' repeats"):
         openai_staging.stage(_io([str(tmp_path / "a.jsonl")], str(tmp_path / "out")),
                              config_lib.SamplingConfig(), print)
     staged = openai_staging.stage(
@@ -195,6 +195,21 @@ def test_repeated_custom_ids_follow_the_duplicate_id_rule(tmp_path):
         config_lib.SamplingConfig(), print)
     staged.cleanup()
     assert staged.plan.total_rows == 2
+
+
+def test_a_repeated_custom_id_is_named_by_its_jsonl_file_and_lines(tmp_path):
+    req = _write_lines(tmp_path / "req.jsonl",
+                       [_line("a"), _line("b"), "", _line("a"), _line("c"), _line("a")])
+    other = _write_lines(tmp_path / "other.jsonl", [_line("c")])
+    with pytest.raises(config_lib.JobInputError) as raised:
+        openai_staging.stage(_io([req, other], str(tmp_path / "out")),
+                             config_lib.SamplingConfig(), print)
+    message = str(raised.value)
+    print(message)
+    assert message.startswith(f"custom_id 'a' repeats in {req}: line 1, line 4, line 6; "
+                              f"custom_id 'c' repeats: {req} line 5, {other} line 1. ")
+    assert "--allow-duplicate-ids" in message
+    assert "griffin-batch-staging" not in message and ".parquet" not in message
 
 
 def test_no_readable_input_refuses_the_job(tmp_path):
@@ -361,13 +376,18 @@ def test_tables_of_staged_rows_have_the_staged_schema():
     assert isinstance(table, pa.Table)
 
 
-def test_parquet_input_writes_batch_files_with_the_row_id_as_custom_id(tmp_path, write_parquet):
+# A Parquet prompt is text to continue (/v1/completions) unless --chat made it a user turn.
+@pytest.mark.parametrize("chat, kind, prefix", [
+    (False, "text_completion", "cmpl-"), (True, "chat.completion", "chatcmpl-")])
+def test_parquet_input_writes_batch_files_with_the_row_id_as_custom_id(
+        tmp_path, write_parquet, chat, kind, prefix):
     inputs = write_parquet(str(tmp_path / "in.parquet"), {"id": ["a", "b"], "prompt": ["x", "y"]})
     io = config_lib.IOConfig(inputs=(inputs,), output=str(tmp_path / "out"),
                              output_format=config_lib.OPENAI_BATCH)
     plan = planner.plan(io, config_lib.SamplingConfig())
     out = manifest.OutputDir(io.output)
-    out.prepare(plan, config_lib.JobConfig(io=io).fingerprint(), resume=False, overwrite=False)
+    job = config_lib.JobConfig(io=io, model=config_lib.ModelConfig(chat=chat))
+    out.prepare(plan, job.fingerprint(), resume=False, overwrite=False)
     part = pa.Table.from_pylist([  # a committed part as a worker writes it
         {"id": "a", "completion": "hi", "completion_tokens": [5, 6], "finish_reason": "length",
          "num_prompt_tokens": 2, "num_completion_tokens": 2, "error": None},
@@ -381,6 +401,12 @@ def test_parquet_input_writes_batch_files_with_the_row_id_as_custom_id(tmp_path,
     [ok] = [json.loads(t) for t in (tmp_path / "out" / "output.jsonl").read_text().splitlines()]
     [bad] = [json.loads(t) for t in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
     assert ok["custom_id"] == "a" and ok["response"]["body"]["model"] == "demo"
-    assert ok["response"]["body"]["choices"][0]["finish_reason"] == "length"
+    body = ok["response"]["body"]
+    assert body["object"] == kind and body["id"].startswith(prefix)
+    [choice] = body["choices"]
+    assert choice["finish_reason"] == "length"
+    assert (choice["message"] if chat else choice) == (
+        {"role": "assistant", "content": "hi"} if chat else {
+            "index": 0, "text": "hi", "finish_reason": "length", "logprobs": None})
     assert bad["custom_id"] == "b" and bad["error"]["message"] == "prompt is too long"
     assert not list((tmp_path / "out" / output.TEMP_DIR).iterdir())  # moved, not copied

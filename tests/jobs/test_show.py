@@ -41,3 +41,23 @@ def test_rows_without_the_prompt_column_and_long_text_are_clipped(tmp_path):
     (line_id, line_text) = show.format_rows(show.first_rows(str(tmp_path), 5)).splitlines()
     assert line_id == "[x]"
     assert len(line_text) == len("  -> ") + show.WIDTH and line_text.endswith("...")
+
+
+def test_a_row_of_several_samples_shows_each_samples_index(tmp_path):
+    # --n 2 (or a per-row n): a row's samples follow one another in its part, sample 0 first.
+    _part(tmp_path, "a", [
+        {"id": "a", "prompt": "p", "sample_index": 0, "completion": "one", "error": None},
+        {"id": "a", "prompt": "p", "sample_index": 1, "completion": "two", "error": None},
+        {"id": "b", "prompt": "q", "sample_index": 0, "completion": "only", "error": None},
+        {"id": "c", "prompt": "r", "sample_index": 0, "completion": "c0", "error": None},
+        {"id": "c", "prompt": "r", "sample_index": 1, "completion": "c1", "error": None},
+    ])
+    rows = show.first_rows(str(tmp_path), 4)
+    assert [(r["id"], r.get("sample")) for r in rows] == [
+        ("a", "0"), ("a", "1"), ("b", None), ("c", "0")]  # c's sample 1 is past the 4th row
+    assert show.format_rows(rows).splitlines() == [
+        "[a #0] 'p'", "  -> 'one'",
+        "[a #1] 'p'", "  -> 'two'",
+        "[b] 'q'", "  -> 'only'",
+        "[c #0] 'r'", "  -> 'c0'",
+    ]
