@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -155,7 +156,18 @@ def _load(text: str | bytes) -> dict[str, Any]:
         raise FieldError(f"{_UNPARSED[0]} ({e})") from None
     if not isinstance(request, dict):
         raise FieldError(f"{_UNPARSED[1]} (got {type(request).__name__})")
+    # JSON may escape half of a surrogate pair ("\ud800"): json.loads accepts it, and the
+    # string then cannot be written as UTF-8, which failed the whole staging step.
+    if _SURROGATE_ESCAPE.search(text if isinstance(text, str) else text.decode("utf-8")):
+        try:
+            json.dumps(request, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise FieldError(f"{_UNPARSED[2]} (an escaped lone surrogate, "
+                             f"{e.object[e.start]!r})") from None
     return request
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _check_envelope(request: Mapping[str, Any], custom_id: Any) -> None:

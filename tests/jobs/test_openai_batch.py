@@ -90,6 +90,8 @@ def test_an_unsupported_body_field_is_that_requests_error_naming_it(field, value
     ("{not json", "line 3: not JSON"),
     ("[1, 2]", "line 3: not a JSON object"),
     (b'{"custom_id": "\xff"}', "line 3: not UTF-8"),
+    ('{"custom_id": "a\\ud800"}', "line 3: not UTF-8 (an escaped lone surrogate, '\\ud800')"),
+    (_line("a").replace('"Hi"', '"\\udfff Hi"'), "line 3: not UTF-8 (an escaped lone"),
     (json.dumps({"url": CHAT, "body": {"messages": []}}), "line 3: custom_id is missing"),
     (_line(custom_id=5), "line 3: custom_id must be a non-empty string, got 5"),
     (_line(url="/v1/embeddings"), 'line 3: url "/v1/embeddings" is not supported'),
@@ -183,6 +185,17 @@ def test_staging_plans_over_parquet_in_the_manifest_and_records_the_sources(tmp_
         assert not pathlib.Path(out).exists()  # nothing in the output before prepare
     finally:
         staged.cleanup()
+
+
+def test_an_escaped_lone_surrogate_is_its_lines_error_and_staging_goes_on(tmp_path):
+    # It failed the whole staging step with UnicodeEncodeError when the rows became Parquet.
+    pair = _parse(_line("a").replace('"Hi"', '"\\ud83d\\ude00"'))  # an escaped pair is fine
+    assert pair.error is None and "\U0001f600" in pair.prompt
+    _write_lines(tmp_path / "in.jsonl", [_line("ok"), '{"custom_id": "b\\udc80"}'])
+    staged = openai_staging.stage(_io([str(tmp_path / "in.jsonl")], str(tmp_path / "out")),
+                                  config_lib.SamplingConfig(), lambda _: None)
+    staged.cleanup()
+    assert staged.plan.total_rows == 2 and not staged.plan.unreadable  # its error row is staged
 
 
 def test_repeated_custom_ids_follow_the_duplicate_id_rule(tmp_path):
