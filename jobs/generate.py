@@ -123,12 +123,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_job_arguments(p: argparse.ArgumentParser, *,
-                      sampling_title: str = "sampling (per row: see --sampling-columns)",
+                      per_row: str | None = "see --sampling-columns",
                       n_help: str = "samples per prompt") -> None:
     """Adds the model, sampling, cluster and existing-output options (shared with ``synthesize``).
 
-    ``sampling_title`` and ``n_help`` let a command without ``--sampling-columns``
-    (or with another meaning of ``--n``) say so.
+    ``per_row`` says how rows set their own sampling (None: they cannot, as in a
+    command without ``--sampling-columns``); ``n_help`` what ``--n`` counts there.
     """
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint", help="checkpoint path or URL (default: bundled demo model)")
@@ -140,7 +140,8 @@ def add_job_arguments(p: argparse.ArgumentParser, *,
     )
     for f in engine_config.job_options():  # defaults live in EngineConfig only
         m.add_argument(f.metadata["flag"], type=int, default=f.default, help=f.metadata["help"])
-    s = p.add_argument_group(sampling_title)
+    s = p.add_argument_group(f"sampling (per row: {per_row})" if per_row else
+                             "sampling (the same for every request)")
     sampling = config_lib.SamplingConfig  # the defaults' one source
     s.add_argument("--max-tokens", type=int, default=sampling.max_tokens,
                    help="most tokens generated per sample (default: %(default)s)")
@@ -154,7 +155,8 @@ def add_job_arguments(p: argparse.ArgumentParser, *,
         "--seed",
         type=int,
         default=sampling.seed,
-        help="job seed; each row's stream comes from (job seed, row id) unless the row sets a seed",
+        help="job seed; each row's stream comes from (job seed, row id)"
+        + (" unless the row sets a seed" if per_row else ""),
     )
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     s.add_argument("--n", type=int, default=sampling.n, help=n_help)

@@ -68,8 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--keep-sections", action="store_true",
                    help="map-reduce: the output keeps each document's section summaries "
                    "(column 'sections')")
-    generate.add_job_arguments(p, sampling_title="sampling (the same for every request)",
-                               n_help="must be 1: one summary per document")
+    generate.add_job_arguments(p, per_row=None, n_help="must be 1: one summary per document")
 
 
 def summarize_config(a: argparse.Namespace) -> summary_job.SummarizeConfig:

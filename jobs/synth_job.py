@@ -115,8 +115,7 @@ class SynthesizeJob:
     def stage(self, config: config_lib.JobConfig, say: Callable[[str], None]
               ) -> tuple[config_lib.JobConfig, planner.JobPlan, staging.Staged]:
         """Renders the prompts into the job's staged input and plans it (``driver.Variant``)."""
-        warning = greedy_warning(config.sampling, self.synth)
-        if warning:
+        for warning in greedy_warnings(config.sampling, self.synth):
             say(warning)
         return synth_staging.stage(config, self.template, self.variables, self.synth.n, say)
 
@@ -151,15 +150,24 @@ class SynthesizeJob:
         return figures
 
 
-def greedy_warning(sampling: config_lib.SamplingConfig, synth: SynthConfig) -> str | None:
-    """Why ``--n`` above 1 at temperature 0 wastes samples (greedy ignores seeds); else None."""
-    if synth.n <= 1 or sampling.temperature != 0:
-        return None
-    dedup = (f", and --dedup {synth.dedup} keeps one of them"
-             if synth.dedup != synth_dedup.NONE else "")
-    return (f"warning: --n {synth.n} at --temperature 0 (greedy, the default): the {synth.n} "
+def greedy_warnings(sampling: config_lib.SamplingConfig, synth: SynthConfig) -> list[str]:
+    """What greedy decoding (temperature 0, which ignores seeds) makes pointless here."""
+    if sampling.temperature != 0:
+        return []
+    warnings = []
+    if synth.n > 1:
+        dedup = (f", and --dedup {synth.dedup} keeps one of them"
+                 if synth.dedup != synth_dedup.NONE else "")
+        warnings.append(
+            f"warning: --n {synth.n} at --temperature 0 (greedy, the default): the {synth.n} "
             f"samples of each prompt will be identical{dedup}; pass --temperature above 0 "
             "(e.g. 0.7) for different samples")
+    if synth.json_schema and synth.max_attempts > 1:
+        warnings.append(
+            f"warning: --max-attempts {synth.max_attempts} at --temperature 0 (greedy, the "
+            "default): a redraw repeats the completion --json-schema rejected; pass "
+            "--temperature above 0 (e.g. 0.7) for redraws that can differ")
+    return warnings
 
 
 def _validity(out: manifest.OutputDir, plan: planner.JobPlan) -> dict[str, Any]:

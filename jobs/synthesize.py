@@ -62,8 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--dedup-threshold", type=float, default=defaults.dedup_threshold,
                    help="least estimated Jaccard similarity of a near duplicate (--dedup near)")
     # synth_staging fixes the sampling columns (the seed only): no --sampling-columns here.
-    generate.add_job_arguments(p, sampling_title="sampling (the same for every prompt; "
-                               "variables do not change it)",
+    generate.add_job_arguments(p, per_row=None,
                                n_help="samples per combination, one output row each")
 
 

@@ -137,6 +137,7 @@ def test_help_names_no_sampling_columns_and_says_n_must_be_1():
     text = " ".join(summarize.build_parser().format_help().split())
     assert "--sampling-columns" not in text
     assert "sampling (the same for every request):" in text
+    assert "unless the row sets a seed" not in text  # rows cannot set one here
     assert "--n N must be 1: one summary per document" in text
     assert "--temperature TEMPERATURE 0 (the default) is greedy" in text
     # generate, which has --sampling-columns, keeps its title.

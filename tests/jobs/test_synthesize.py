@@ -108,9 +108,11 @@ def test_templates_render_strictly_in_a_sandbox(tmp_path):
 
 # --- staging ---------------------------------------------------------------------------------
 
-def _staged(tmp_path, template_text, vars_text=None, n=2, seed=7, grid=False, temperature=0.0):
+def _staged(tmp_path, template_text, vars_text=None, n=2, seed=7, grid=False, temperature=0.0,
+            **synth_options):
     vars_url = _write(tmp_path / "vars.yaml", vars_text) if vars_text else None
-    synth = synth_job.SynthConfig(template_text=template_text, vars=vars_url, n=n, grid=grid)
+    synth = synth_job.SynthConfig(template_text=template_text, vars=vars_url, n=n, grid=grid,
+                                  **synth_options)
     job = synth_job.SynthesizeJob(synth)
     config = config_lib.JobConfig(
         io=config_lib.IOConfig(inputs=synth.sources(), output=str(tmp_path / "out")),
@@ -199,6 +201,14 @@ def test_n_above_1_at_temperature_0_warns_once_that_the_samples_are_identical(tm
         "above 0 (e.g. 0.7) for different samples"]
     _staged(tmp_path, "{{ a }}", "- {a: 1}\n", n=2, temperature=0.7)
     _staged(tmp_path, "{{ a }}", "- {a: 1}\n", n=1)
+    assert capsys.readouterr().out == ""
+    # Nor can a greedy redraw of a completion the schema rejected differ from it.
+    schema = str(EXAMPLES / "integer.schema.json")
+    _staged(tmp_path, "{{ a }}", "- {a: 1}\n", n=1, json_schema=schema, max_attempts=3)
+    assert capsys.readouterr().out.startswith(
+        "warning: --max-attempts 3 at --temperature 0 (greedy, the default): a redraw repeats")
+    _staged(tmp_path, "{{ a }}", "- {a: 1}\n", n=1, json_schema=schema, max_attempts=1)
+    _staged(tmp_path, "{{ a }}", "- {a: 1}\n", n=1, json_schema=schema, temperature=0.7)
     assert capsys.readouterr().out == ""
 
 
@@ -314,7 +324,8 @@ def test_bad_input_exits_2_naming_it_before_any_worker_starts(tmp_path, capsys):
 def test_help_offers_no_sampling_columns_and_says_temperature_0_is_greedy():
     text = " ".join(synthesize.build_parser().format_help().split())
     assert "--sampling-columns" not in text
-    assert "sampling (the same for every prompt; variables do not change it):" in text
+    assert "sampling (the same for every request):" in text
+    assert "unless the row sets a seed" not in text  # rows cannot set one here
     assert "--temperature TEMPERATURE 0 (the default) is greedy" in text
     with pytest.raises(SystemExit):  # as the title says: not an option here
         synthesize.build_parser().parse_args(["--template-text", "x", "--output", "o",
