@@ -81,7 +81,7 @@ def stage(io: config_lib.IOConfig, sampling: config_lib.SamplingConfig,
         repeat (``custom_id``, unless ``io.allow_duplicate_ids``; the message
         names the JSONL files and lines).
     """
-    urls = planner.expand_inputs(io.inputs, suffix=".jsonl", kind="JSONL")
+    urls = planner.expand_inputs(io.inputs, suffix=".jsonl", kind="JSONL", say=say)
     scratch = tempfile.mkdtemp(prefix="griffin-batch-staging-")
     try:
         names = _staged_names(urls)

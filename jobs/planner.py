@@ -240,33 +240,42 @@ def expand_inputs(patterns: Sequence[str], suffix: str = ".parquet",
         except (ValueError, ImportError) as e:
             raise config_lib.JobInputError(f"--input {pattern}: {e}") from None
         try:
-            found = _list(fs, path, suffix)
+            found, skipped = _list(fs, path, suffix)
         except OSError as e:
             raise config_lib.JobInputError(f"--input {pattern}: cannot list: {e}") from None
         if not found:
-            raise config_lib.JobInputError(f"--input {pattern} matches no {kind} files")
+            raise config_lib.JobInputError(
+                f"--input {pattern} matches no {kind} files"
+                + (f" (it holds {_shown([output.url_of(fs, p) for p in skipped])})"
+                   if skipped else ""))
+        if skipped and say is not None:
+            names = suffix if isinstance(suffix, str) else " or ".join(suffix)
+            say(f"note: --input {pattern}: {len(skipped)} file(s) not named *{names} are "
+                f"skipped ({_shown([output.url_of(fs, p) for p in skipped])})")
         urls.extend(output.url_of(fs, p) for p in sorted(found))
     unique = list(dict.fromkeys(urls))
     if say is not None and len(unique) < len(urls):  # e.g. a file and its directory, or twice
         repeated = [u for u in unique if urls.count(u) > 1]
-        shown = ", ".join(repeated[:3]) + (", ..." if len(repeated) > 3 else "")
-        say(f"note: {shown} matched more than one --input and are read once "
+        say(f"note: {_shown(repeated)} matched more than one --input and are read once "
             f"({len(urls) - len(unique)} repeat(s) dropped)")
     return unique
 
 
-def _list(fs: fsspec.AbstractFileSystem, path: str, suffix: str) -> list[str]:
+def _list(fs: fsspec.AbstractFileSystem, path: str, suffix: str) -> tuple[list[str], list[str]]:
+    """(matching files, a directory's other files) of one ``--input``; hidden ones in neither."""
     if any(c in path for c in _GLOB_CHARS):
-        return [p for p in fs.glob(path) if fs.isfile(p)]
+        return [p for p in fs.glob(path) if fs.isfile(p)], []
     if fs.isdir(path):
-        return [
-            p
-            for p in fs.find(path)
-            if p.endswith(suffix) and not posixpath.basename(p).startswith(("_", "."))
-        ]
+        files = [p for p in fs.find(path) if not posixpath.basename(p).startswith(("_", "."))]
+        return ([p for p in files if p.endswith(suffix)],
+                [p for p in files if not p.endswith(suffix)])
     if fs.isfile(path):
-        return [path]
+        return [path], []
     raise config_lib.JobInputError(f"--input {path}: no such file or directory")
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def _read_footer(url: str) -> tuple[pa.Schema, list[int]] | str:

@@ -48,6 +48,21 @@ def test_shards_cover_every_row_once_within_the_bound(tmp_path, write_parquet):
     assert planner.JobPlan.from_dict(plan.to_dict()) == plan
 
 
+def test_a_directorys_other_files_are_named_as_skipped(tmp_path, write_parquet):
+    a = write_parquet(str(tmp_path / "d" / "a.parquet"), {"prompt": ["x"]})
+    (tmp_path / "d" / "b.csv").write_text("prompt\ny\n")
+    (tmp_path / "d" / "_SUCCESS").write_text("")  # a writer's marker: not the user's data
+    notes = []
+    plan = planner.plan(_io(str(tmp_path / "d")), SAMPLING, notes.append)
+    assert [f.url for f in plan.files] == [a]
+    assert notes == [f"note: --input {tmp_path / 'd'}: 1 file(s) not named *.parquet are "
+                     f"skipped ({tmp_path / 'd' / 'b.csv'})"]
+    (tmp_path / "d" / "a.parquet").unlink()
+    with pytest.raises(config_lib.JobInputError,
+                       match=r"matches no Parquet files \(it holds .*b\.csv\)"):
+        planner.plan(_io(str(tmp_path / "d")), SAMPLING)
+
+
 def test_a_file_named_twice_is_read_once_and_the_job_says_so(tmp_path, write_parquet):
     a = write_parquet(str(tmp_path / "a.parquet"), {"prompt": ["x"] * 5})
     notes = []
