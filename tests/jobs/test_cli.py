@@ -116,10 +116,33 @@ def test_an_unknown_option_shows_its_subcommands_usage(capsys):
 def test_every_option_says_what_it_does(command):
     # --max-tokens, --top-k and eight others once showed a bare flag in --help, their
     # defaults (256, greedy) nowhere but in the code.
-    from griffin_batch.jobs import cli
-
-    parser = cli.build_parser([command])
-    (sub,) = [a for a in parser._actions if a.dest == "command"]
-    bare = [a.option_strings[0] for a in sub.choices[command]._actions
+    bare = [a.option_strings[0] for a in _subparser(command)._actions
             if a.option_strings and not a.help]
     assert bare == [], f"{command} --help shows these without a word: {bare}"
+
+
+@pytest.mark.parametrize("command, n_help", [
+    ("synthesize", "samples per combination, one output row each"),
+    ("summarize", "must be 1: one summary per document"),
+])
+def test_commands_whose_rows_cannot_set_sampling_say_so(command, n_help):
+    from griffin_batch.jobs import cli
+
+    text = " ".join(_subparser(command).format_help().split())
+    # Their help once pointed at --sampling-columns, which they lack, and at a row's own seed.
+    assert "--sampling-columns" not in text and "unless the row sets a seed" not in text
+    assert "sampling (the same for every request):" in text
+    assert f"--n N {n_help}" in text
+    assert "--temperature TEMPERATURE 0 (the default) is greedy" in text
+    with pytest.raises(SystemExit):  # not an option there
+        cli.main([command, "--output", "o", "--sampling-columns", "n"])
+    # generate, which has --sampling-columns, keeps its title.
+    assert "sampling (per row: see --sampling-columns):" in " ".join(
+        _subparser("generate").format_help().split())
+
+
+def _subparser(command: str):
+    from griffin_batch.jobs import cli
+
+    (sub,) = [a for a in cli.build_parser([command])._actions if a.dest == "command"]
+    return sub.choices[command]

@@ -15,9 +15,7 @@ from job_helpers import read_output
 from griffin_batch.actors import output
 from griffin_batch.jobs import (
     cli,
-    generate,
     manifest,
-    summarize,
     summary_inputs,
     summary_job,
     summary_sections,
@@ -131,17 +129,6 @@ def test_a_parquet_file_without_the_text_column_lists_its_columns(tmp_path, writ
         list(source.documents())
     assert str(refused.value) == (f"input {path} has no column 'nope' (--text-column); "
                                   "its columns are ['body', 'key']")
-
-
-def test_help_names_no_sampling_columns_and_says_n_must_be_1():
-    text = " ".join(summarize.build_parser().format_help().split())
-    assert "--sampling-columns" not in text
-    assert "sampling (the same for every request):" in text
-    assert "unless the row sets a seed" not in text  # rows cannot set one here
-    assert "--n N must be 1: one summary per document" in text
-    assert "--temperature TEMPERATURE 0 (the default) is greedy" in text
-    # generate, which has --sampling-columns, keeps its title.
-    assert "sampling (per row: see --sampling-columns):" in generate.build_parser().format_help()
 
 
 def test_options_are_checked_by_name():

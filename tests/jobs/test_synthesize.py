@@ -21,7 +21,6 @@ from griffin_batch.jobs import (
     synth_staging,
     synth_template,
     synth_vars,
-    synthesize,
 )
 from griffin_batch.jobs import config as config_lib
 from griffin_batch.model import requests
@@ -319,17 +318,6 @@ def test_bad_input_exits_2_naming_it_before_any_worker_starts(tmp_path, capsys):
     assert code == 2
     assert "'a' is undefined in combination v.yaml#1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-
-
-def test_help_offers_no_sampling_columns_and_says_temperature_0_is_greedy():
-    text = " ".join(synthesize.build_parser().format_help().split())
-    assert "--sampling-columns" not in text
-    assert "sampling (the same for every request):" in text
-    assert "unless the row sets a seed" not in text  # rows cannot set one here
-    assert "--temperature TEMPERATURE 0 (the default) is greedy" in text
-    with pytest.raises(SystemExit):  # as the title says: not an option here
-        synthesize.build_parser().parse_args(["--template-text", "x", "--output", "o",
-                                              "--sampling-columns", "n"])
 
 
 @pytest.mark.ray
