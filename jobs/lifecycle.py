@@ -52,6 +52,13 @@ def request_counts(*, total: int, committed_rows: int, error_rows: int,
             "failed": error_rows + failed_shard_rows}
 
 
+EARLIER_STAGES = "earlier_stages"
+"""A staged job's last summary key (``summarize --mode map-reduce``): each earlier stage's
+``STAGE_FIGURES``; the summary's own figures are its last stage's."""
+
+STAGE_FIGURES = ("completion_tokens", "prompt_tokens", "wall_time_s", "tokens_per_s")
+
+
 def describe(summary: Mapping[str, Any], now: float | None = None) -> list[str]:
     """What ``griffin-batch status`` prints: state, counts, speed and, while running, an ETA."""
     now = time.time() if now is None else now
@@ -77,9 +84,21 @@ def describe(summary: Mapping[str, Any], now: float | None = None) -> list[str]:
         rate = summary.get("rows_per_s") or 0.0
         if rate > 0 and total > done:
             lines.append(f"eta: {_duration((total - done) / rate)} at {rate:.2f} rows/s")
+    earlier = summary.get(EARLIER_STAGES)
+    if isinstance(earlier, list) and earlier:  # read back from storage: numbers or skipped
+        stages = [s for s in earlier if isinstance(s, Mapping)]
+        tokens = sum(_number(s.get("completion_tokens")) for s in [summary, *stages])
+        wall = sum(_number(s.get("wall_time_s")) for s in [summary, *stages])
+        names = ", ".join(str(s.get("stage")) for s in stages)
+        lines.append(f"whole job: {int(tokens)} tokens in {wall:.1f}s over {len(stages) + 1} stages "
+                     f"(before this last one: {names})")
     if summary.get("fatal"):
         lines.append(f"stopped: {summary['fatal']}")
     return lines
+
+
+def _number(value: Any) -> float:
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
 def _shards(summary: Mapping[str, Any]) -> str:

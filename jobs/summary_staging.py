@@ -40,7 +40,14 @@ import pyarrow.parquet as pq
 
 from griffin_batch.actors import output, shards
 from griffin_batch.jobs import config as config_lib
-from griffin_batch.jobs import manifest, planner, staging, summary_inputs, summary_sections
+from griffin_batch.jobs import (
+    lifecycle,
+    manifest,
+    planner,
+    staging,
+    summary_inputs,
+    summary_sections,
+)
 from griffin_batch.model import tokenizer as tokenizer_lib
 
 Say = Callable[[str], None]
@@ -438,6 +445,20 @@ class FinalStage(_Stage):
             rows.close()
         keep = (DOCUMENT_TOKENS, SECTIONS) if self.keep_sections else (DOCUMENT_TOKENS,)
         return FINAL_FILE, keep, self.first.records
+
+    def finish(self, out: manifest.OutputDir, plan: planner.JobPlan, say: Say
+               ) -> Mapping[str, Any]:
+        """The earlier stages' figures (``lifecycle.EARLIER_STAGES``); this stage's are the summary's."""
+        figures = []
+        for url in self.levels:
+            fs, path = fsspec.core.url_to_fs(url)
+            try:
+                summary = manifest.read_summary(fs, path)
+            except (OSError, ValueError):
+                summary = {}
+            figures.append({"stage": url.rstrip("/").rsplit("/", 1)[-1],
+                            **{k: summary.get(k) for k in lifecycle.STAGE_FIGURES}})
+        return {lifecycle.EARLIER_STAGES: figures}
 
     def _row(self, doc: Mapping[str, Any], levels: list[Summaries | None]) -> dict[str, Any]:
         row = {ID: doc[ID], PROMPT: doc[PROMPT], ERROR: doc[ERROR],

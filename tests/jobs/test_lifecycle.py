@@ -47,6 +47,15 @@ def test_describe_a_running_job_with_its_eta():
     assert "it may have stopped" in stale[4]
 
 
+def test_describe_adds_up_a_staged_jobs_stages():
+    summary = {"status": "completed", "completion_tokens": 40, "wall_time_s": 2.5,
+               lifecycle.EARLIER_STAGES: [
+                   {"stage": "level-1", "completion_tokens": 100, "wall_time_s": 7.0},
+                   {"stage": "level-2", "completion_tokens": "x", "wall_time_s": None}]}
+    assert lifecycle.describe(summary)[-1] == (  # what is not a number counts 0
+        "whole job: 140 tokens in 9.5s over 3 stages (before this last one: level-1, level-2)")
+
+
 def test_describe_says_that_unreadable_inputs_are_in_no_count():
     # Their rows are unknown (no footer), so "100.0% done" alone read as if nothing was lost.
     summary = {"status": "partially_completed", "request_counts": {"total": 5, "completed": 5,

@@ -248,6 +248,19 @@ def test_map_reduce_summarizes_sections_then_their_summaries_and_resumes(
     assert sorted(p.name for p in pathlib.Path(out, manifest.STAGES_DIR).iterdir()) == ["level-1"]
     summary = json.loads(pathlib.Path(out, manifest.SUMMARY_FILE).read_text())
     assert summary["status"] == "completed" and summary["request_counts"]["total"] == 4
+    # The last stage's summary carries the earlier stages' figures; status adds them up (it
+    # showed the last stage's tokens and time as if they were the job's).
+    level1_summary = json.loads(
+        pathlib.Path(out, manifest.STAGES_DIR, "level-1", manifest.SUMMARY_FILE).read_text())
+    [earlier] = summary["earlier_stages"]
+    assert earlier["stage"] == "level-1"
+    assert earlier["completion_tokens"] == level1_summary["completion_tokens"] > 0
+    capsys.readouterr()
+    assert cli.main(["status", out]) == 0
+    total = summary["completion_tokens"] + earlier["completion_tokens"]
+    said = capsys.readouterr().out
+    assert f"whole job: {total} tokens in " in said, said
+    assert "s over 2 stages (before this last one: level-1)" in said, said
 
     before = read_output(out)
     capsys.readouterr()
