@@ -41,17 +41,34 @@ def check_unique(files: Sequence, id_column: str | None) -> None:
       id_column: The chosen id column; None: ``id`` where a file has one.
     """
     column = id_column or "id"
+    found = repeats(files, id_column)
+    if found:
+        shown = "; ".join(
+            f"{text!r} at " + ", ".join(f"{url} row {row}" for url, row in where[:3])
+            for text, where in list(found.items())[:SHOWN])
+        raise config_lib.JobInputError(
+            f"{len(found)} row id(s) repeat in column {column!r} (compared as text): {shown}"
+            f"{'; ...' if len(found) > SHOWN else ''}. Ids must be unique; pass "
+            "--allow-duplicate-ids to run anyway (rows with one id share a random stream)")
+
+
+def repeats(files: Sequence, id_column: str | None) -> dict[str, list[tuple[str, int]]]:
+    """Each id that occurs more than once -> where ((file URL, row), in file and row order).
+
+    Args: as ``check_unique``'s.
+    """
+    column = id_column or "id"
     if not any(column in f.columns for f in files):
-        return  # every id is <file key>#<row>: unique by construction
+        return {}  # every id is <file key>#<row>: unique by construction
     with concurrent.futures.ThreadPoolExecutor(max(1, min(_READ_THREADS, len(files)))) as pool:
         hashes = list(pool.map(lambda f: _file_hashes(f, column), files))
     every = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
     values, counts = np.unique(every, return_counts=True)
     suspects = values[counts > 1]
     if not len(suspects):
-        return
+        return {}
     seen: dict[str, tuple[str, int]] = {}
-    repeats: dict[str, list[tuple[str, int]]] = {}
+    found: dict[str, list[tuple[str, int]]] = {}
     for f, h in zip(files, hashes, strict=True):
         rows = set(np.flatnonzero(np.isin(h, suspects)).tolist())
         if not rows:
@@ -60,17 +77,10 @@ def check_unique(files: Sequence, id_column: str | None) -> None:
             for row in (r for r in range(start, start + len(texts)) if r in rows):
                 text = texts[row - start]
                 if text in seen:
-                    repeats.setdefault(text, [seen[text]]).append((f.url, row))
+                    found.setdefault(text, [seen[text]]).append((f.url, row))
                 else:
                     seen[text] = (f.url, row)
-    if repeats:
-        shown = "; ".join(
-            f"{text!r} at " + ", ".join(f"{url} row {row}" for url, row in where[:3])
-            for text, where in list(repeats.items())[:SHOWN])
-        raise config_lib.JobInputError(
-            f"{len(repeats)} row id(s) repeat in column {column!r} (compared as text): {shown}"
-            f"{'; ...' if len(repeats) > SHOWN else ''}. Ids must be unique; pass "
-            "--allow-duplicate-ids to run anyway (rows with one id share a random stream)")
+    return found
 
 
 def _file_hashes(f, column: str) -> np.ndarray:

@@ -29,12 +29,9 @@ import logging
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import fsspec
-import numpy as np
-import pandas as pd
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from griffin_batch.jobs import config as config_lib
@@ -97,11 +94,13 @@ def stage(io: config_lib.IOConfig, sampling: config_lib.SamplingConfig,
             raise config_lib.JobInputError("; ".join(e for _, e in unreadable[:3]))
         for _, error in unreadable:
             say(f"warning: {error}; its requests are not run, the other inputs go on")
-        if not io.allow_duplicate_ids:
-            # Before the planner's check of the id column, which could only name staged rows.
-            _check_custom_ids([(u, f"{scratch}/{n}") for u, n, _ in done])
         local = {f"{scratch}/{n}": f"{staged_dir(io.output)}/{n}" for _, n, _ in done}
-        plan = planner.plan(dataclasses.replace(io, inputs=tuple(local)), sampling, say)
+        # The ids are checked here, not by the planner, whose message names staged rows.
+        plan = planner.plan(dataclasses.replace(io, inputs=tuple(local), allow_duplicate_ids=True),
+                            sampling, say)
+        if not io.allow_duplicate_ids:
+            _refuse_repeated_custom_ids(plan.files, io.id_column,
+                                        {f"{scratch}/{n}": u for u, n, _ in done})
         sources = tuple(dataclasses.replace(c, staged=local[f"{scratch}/{n}"])
                         for _, n, c in done)
         plan = relocate(plan, local, sources, tuple(unreadable))
@@ -133,34 +132,28 @@ def convert(url: str, path: str, file_key: str) -> planner.SourceFile | str:
                               sha256=reader.digest.hexdigest(), lines=reader.lines)
 
 
-def _check_custom_ids(files: Sequence[tuple[str, str]]) -> None:
-    """Raises ``JobInputError`` naming each ``custom_id`` that repeats, by file and line.
-
-    Memory: 8 bytes per request (a hash of its ``custom_id``); the ids that
-    share a hash are read again, from the staged files alone, to name them.
+def _refuse_repeated_custom_ids(files: Sequence[planner.InputFile], id_column: str,
+                                inputs: Mapping[str, str]) -> None:
+    """Raises ``JobInputError`` naming each ``custom_id`` that repeats, by JSONL file and line.
 
     Args:
-      files: (input URL, local staged Parquet file) of each converted input.
+      files: The staged files, as planned.
+      id_column: Their id column.
+      inputs: Staged file URL -> the JSONL file it was converted from.
     """
-    hashes = [np.concatenate([_hash(t) for t, _ in _custom_ids(path)] or [_hash([])])
-              for _, path in files]
-    values, counts = np.unique(np.concatenate(hashes), return_counts=True)
-    suspects = values[counts > 1]
-    if not len(suspects):
+    found = ids.repeats(files, id_column)
+    if not found:
         return
-    where: dict[str, list[tuple[str, int]]] = {}
-    for (url, path), h in zip(files, hashes, strict=True):
-        if not np.isin(h, suspects).any():
-            continue
-        for texts, lines in _custom_ids(path):
-            for i in np.flatnonzero(np.isin(_hash(texts), suspects)).tolist():
-                where.setdefault(texts[i], []).append((url, lines[i]))
-    repeats = [(text, at) for text, at in where.items() if len(at) > 1]  # not hash collisions
-    if not repeats:
-        return
-    shown = "; ".join(_repeat(text, at) for text, at in repeats[:ids.SHOWN])
+    lines: dict[str, list[int]] = {}  # staged file -> each row's line, read only on a repeat
+    for _, at in found.items():
+        for url, _ in at:
+            if url not in lines:
+                lines[url] = pq.read_table(url, columns=["line"]).column(0).to_pylist()
+    named = [(text, [(inputs[url], lines[url][row]) for url, row in at])
+             for text, at in found.items()]
+    shown = "; ".join(_repeat(text, at) for text, at in named[:ids.SHOWN])
     raise config_lib.JobInputError(
-        f"{shown}{'; ...' if len(repeats) > ids.SHOWN else ''}. Each request's custom_id must "
+        f"{shown}{'; ...' if len(named) > ids.SHOWN else ''}. Each request's custom_id must "
         "be unique; pass --allow-duplicate-ids to run anyway (requests with one custom_id "
         "share a random stream)")
 
@@ -174,19 +167,6 @@ def _repeat(text: str, at: list[tuple[str, int]]) -> str:
                 + ", ".join(f"line {line}" for _, line in at[:3]) + more)
     return (f"custom_id {text!r} repeats: "
             + ", ".join(f"{url} line {line}" for url, line in at[:3]) + more)
-
-
-def _custom_ids(path: str) -> Iterator[tuple[list[str], list[int]]]:
-    """(custom_ids, their line numbers) of a staged file's requests that have one, by batch."""
-    for batch in pq.ParquetFile(path).iter_batches(BATCH_LINES, columns=["custom_id", "line"]):
-        batch = batch.filter(pc.is_valid(batch.column(0)))
-        yield batch.column(0).to_pylist(), batch.column(1).to_pylist()
-
-
-def _hash(texts: list[str]) -> np.ndarray:
-    if not texts:
-        return np.zeros(0, np.uint64)
-    return pd.util.hash_array(np.array(texts, dtype=object), categorize=False)
 
 
 class _Lines:
