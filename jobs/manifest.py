@@ -264,7 +264,7 @@ class OutputDir:
                 self._refuse_if_leased()
             if existing and not resume and not overwrite:
                 raise config_lib.JobInputError(
-                    f"output {self.url} is not empty (it holds {_some(existing, 3)}); pass "
+                    f"output {self.url} is not empty (it holds {planner.first_few(existing, 3)}); pass "
                     "--resume to continue the job recorded there or --overwrite to replace it"
                 )
             resuming = bool(existing) and not overwrite
@@ -337,7 +337,7 @@ class OutputDir:
             why = "" if plan_name in in_manifest else f", and no job manifest ({PLAN_FILE})"
             raise config_lib.JobInputError(
                 f"--overwrite refused: output {self.url} holds files this tool did not write: "
-                f"{_some(foreign, _NAMES_SHOWN)}{why}; nothing was deleted. Remove them "
+                f"{planner.first_few(foreign, _NAMES_SHOWN)}{why}; nothing was deleted. Remove them "
                 "yourself or choose another --output"
             )
         doomed = [n for n in existing if n != MANIFEST_DIR]
@@ -362,7 +362,7 @@ class OutputDir:
             _part_names(saved)
         except FileNotFoundError:
             raise config_lib.JobInputError(
-                f"output {self.url} holds {_some(existing, 3)} but no job manifest "
+                f"output {self.url} holds {planner.first_few(existing, 3)} but no job manifest "
                 f"({PLAN_FILE}); this tool did not write it: choose another --output, "
                 "or empty it yourself"
             ) from None
@@ -743,10 +743,6 @@ def _normal_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def _part_names(saved: Mapping[str, Any]) -> set[str]:
     """The part files a run with this saved plan could have written."""
     return {output.part_name(str(s["shard_id"])) for s in saved["plan"]["shards"]}
-
-
-def _some(names: list[str], shown: int) -> str:
-    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def _stopped_here(lease: Mapping[str, Any]) -> bool:

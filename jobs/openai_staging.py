@@ -160,13 +160,10 @@ def _refuse_repeated_custom_ids(files: Sequence[planner.InputFile], id_column: s
 
 def _repeat(text: str, at: list[tuple[str, int]]) -> str:
     """``custom_id 'a' repeats in f.jsonl: line 1, line 4`` (the files named where two differ)."""
-    more = ", ..." if len(at) > 3 else ""
-    urls = {url for url, _ in at}
-    if len(urls) == 1:
+    if len({url for url, _ in at}) == 1:
         return (f"custom_id {text!r} repeats in {at[0][0]}: "
-                + ", ".join(f"line {line}" for _, line in at[:3]) + more)
-    return (f"custom_id {text!r} repeats: "
-            + ", ".join(f"{url} line {line}" for url, line in at[:3]) + more)
+                + planner.first_few([f"line {line}" for _, line in at]))
+    return f"custom_id {text!r} repeats: " + planner.first_few([f"{u} line {n}" for u, n in at])
 
 
 class _Lines:

@@ -246,17 +246,17 @@ def expand_inputs(patterns: Sequence[str], suffix: str = ".parquet",
         if not found:
             raise config_lib.JobInputError(
                 f"--input {pattern} matches no {kind} files"
-                + (f" (it holds {_shown([output.url_of(fs, p) for p in skipped])})"
+                + (f" (it holds {first_few([output.url_of(fs, p) for p in skipped])})"
                    if skipped else ""))
         if skipped and say is not None:
             names = suffix if isinstance(suffix, str) else " or ".join(suffix)
             say(f"note: --input {pattern}: {len(skipped)} file(s) not named *{names} are "
-                f"skipped ({_shown([output.url_of(fs, p) for p in skipped])})")
+                f"skipped ({first_few([output.url_of(fs, p) for p in skipped])})")
         urls.extend(output.url_of(fs, p) for p in sorted(found))
     unique = list(dict.fromkeys(urls))
     if say is not None and len(unique) < len(urls):  # e.g. a file and its directory, or twice
         repeated = [u for u in unique if urls.count(u) > 1]
-        say(f"note: {_shown(repeated)} matched more than one --input and are read once "
+        say(f"note: {first_few(repeated)} matched more than one --input and are read once "
             f"({len(urls) - len(unique)} repeat(s) dropped)")
     return unique
 
@@ -274,8 +274,9 @@ def _list(fs: fsspec.AbstractFileSystem, path: str, suffix: str) -> tuple[list[s
     raise config_lib.JobInputError(f"--input {path}: no such file or directory")
 
 
-def _shown(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+def first_few(names: Sequence[str], shown: int = 3) -> str:
+    """``"a, b, c, ..."``: the first ``shown`` of ``names``, for messages."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def _read_footer(url: str) -> tuple[pa.Schema, list[int]] | str:
