@@ -33,6 +33,7 @@ from griffin_batch.jobs import (
     scheduler,
     staging,
 )
+from griffin_batch.model import requests
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +121,8 @@ def run(
     try:
         out = manifest.OutputDir(config.io.output)
         fingerprint = {**config.fingerprint(), **(variant.fingerprint() if variant else {})}
-        # Read before prepare removes it. Kept if nothing is left to generate (a resume that
-        # only finishes): the speed on record is the last generating run's, not 0 tok/s.
-        speed = _speed_on_record(out) if config.resume.resume else {}
+        # Read before prepare removes it; kept below if this run generates nothing.
+        on_record = _speed_on_record(out) if config.resume.resume else {}
         committed = out.prepare(plan, fingerprint, resume=config.resume.resume,
                                 overwrite=config.resume.overwrite)
     except BaseException:
@@ -136,8 +136,6 @@ def run(
             finally:
                 staged.cleanup()
         todo = [s for s in plan.shards if s.shard_id not in committed]
-        if todo:
-            speed = {}
         if committed:
             say(
                 f"resuming: {len(committed)} of {len(plan.shards)} shard(s) already committed, "
@@ -156,7 +154,8 @@ def run(
             _write_batch_output(config, plan, out, run_state, say)
         finished = _finish(variant, plan, out, run_state, say) if variant else {}
         summary = {**build_summary(config, plan, run_state, time.monotonic() - start),
-                   **speed, **finished}
+                   # A resume that only finishes: the speed is the last generating run's.
+                   **({} if todo else on_record), **finished}
         succeeded = summary["status"] == lifecycle.COMPLETED
         out.write_summary(summary, success=succeeded)
         if succeeded:
@@ -182,8 +181,7 @@ def _speed_on_record(out: manifest.OutputDir) -> dict[str, float]:
         previous = manifest.read_summary(out.fs, out.path)
     except (OSError, ValueError):
         return {}
-    return {k: previous[k] for k in _SPEED_FIGURES
-            if isinstance(previous.get(k), int | float) and not isinstance(previous[k], bool)}
+    return {k: previous[k] for k in _SPEED_FIGURES if requests.is_number(previous.get(k))}
 
 
 def _plan(config: config_lib.JobConfig, say: Say, variant: Variant | None = None

@@ -19,6 +19,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from griffin_batch.model import requests
+
 VALIDATING = "validating"
 IN_PROGRESS = "in_progress"
 FINALIZING = "finalizing"
@@ -98,7 +100,7 @@ def describe(summary: Mapping[str, Any], now: float | None = None) -> list[str]:
 
 
 def _number(value: Any) -> float:
-    return value if isinstance(value, int | float) and not isinstance(value, bool) else 0
+    return value if requests.is_number(value) else 0
 
 
 def _shards(summary: Mapping[str, Any]) -> str:

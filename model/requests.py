@@ -67,14 +67,14 @@ class SamplingParams:
         if not _is_int(self.max_tokens) or not 0 < self.max_tokens <= INT32_MAX:
             raise RequestError(
                 f"max_tokens must be an integer in [1, {INT32_MAX}], got {self.max_tokens!r}")
-        if not _is_number(self.temperature) or not 0.0 <= self.temperature < math.inf:
+        if not is_number(self.temperature) or not 0.0 <= self.temperature < math.inf:
             raise RequestError(
                 f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if self.top_k is not None and (not _is_int(self.top_k)
                                        or not 0 < self.top_k <= INT32_MAX):
             raise RequestError(
                 f"top_k must be an integer in [1, {INT32_MAX}] or None, got {self.top_k!r}")
-        if self.top_p is not None and (not _is_number(self.top_p)
+        if self.top_p is not None and (not is_number(self.top_p)
                                        or not 0.0 < self.top_p <= 1.0):
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.n) or not 0 < self.n <= MAX_SAMPLES:
@@ -101,7 +101,8 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """An int or float, not a bool (JSON and Parquet values are checked with it)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
