@@ -136,7 +136,7 @@ class JobPlan:
 
 
 def plan(io: config_lib.IOConfig, sampling: config_lib.SamplingConfig,
-         say: Callable[[str], None] | None = None) -> JobPlan:
+         say: Callable[[str], None] | None = None, *, lookalike_note: bool = True) -> JobPlan:
     """Plans a job from file metadata, checking the columns it needs and that row ids are unique.
 
     Args:
@@ -144,6 +144,8 @@ def plan(io: config_lib.IOConfig, sampling: config_lib.SamplingConfig,
       sampling: Job-wide sampling (``n`` decides the ``sample_index`` column).
       say: Where warnings go (input columns named like sampling fields that the
         job does not use, unreadable inputs); None: the log.
+      lookalike_note: Whether to say that such columns are data and advise
+        ``--sampling-columns`` (False for a command without it, which says its own).
 
     Raises:
       JobInputError: An input is missing, or a needed column is missing or of a
@@ -184,7 +186,8 @@ def plan(io: config_lib.IOConfig, sampling: config_lib.SamplingConfig,
     if not io.allow_duplicate_ids:
         ids.check_unique(files, io.id_column)
     _check_sampling_columns_present(schemas, overrides, len(unreadable), say)
-    _warn_unused_sampling_columns(schemas, overrides, say)
+    if lookalike_note:
+        _warn_unused_sampling_columns(schemas, overrides, say)
     specs: list[shards.ShardSpec] = []
     for f in files:
         specs.extend(split_file(f, io.shard_rows))

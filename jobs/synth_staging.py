@@ -93,7 +93,7 @@ def stage(config: config_lib.JobConfig, template: synth_template.Template,
         _write(local, template, variables, n, config.sampling.seed)
         staged_url = f"{staging.staged_dir(config.io.output)}/{STAGED_NAME}"
         plan = planner.plan(dataclasses.replace(config.io, inputs=(local,)), config.sampling,
-                            _without_sampling_columns_advice(say))
+                            say, lookalike_note=False)  # _note_sampling_lookalikes says it
         combos = len(variables.rows) if variables is not None else 1
         sources = []
         if variables is not None:
@@ -119,11 +119,6 @@ def _note_sampling_lookalikes(url: str, names: list[str], say: Callable[[str], N
         say(f"note: --vars {url}: variable(s) {lookalikes} are only template variables and do "
             "not change sampling; the sampling options (--n, --temperature, ...) set it for "
             "every prompt")
-
-
-def _without_sampling_columns_advice(say: Callable[[str], None]) -> Callable[[str], None]:
-    """``say`` less the planner's advice to pass --sampling-columns, an option synthesize lacks."""
-    return lambda message: None if "--sampling-columns" in message else say(message)
 
 
 def staged_schema(variables: pa.Schema | None) -> pa.Schema:
